@@ -1,0 +1,57 @@
+"""Typed exceptions. Every user-facing failure raises one of these with a message that says
+what was wrong and what to do about it; `assert` is never used for user input."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MechscopeError(Exception):
+    """Base class of every error mechscope raises on purpose."""
+
+
+class HookNameError(MechscopeError, KeyError):
+    """A hook name (or a cache filter) matched no hook point."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedArchitectureError(MechscopeError):
+    """The checkpoint's architecture has no converter (or uses an option we cannot reproduce)."""
+
+
+class UnsupportedQuantizationError(MechscopeError):
+    """A GGUF tensor uses a quantization type we cannot dequantize."""
+
+
+class ModelNotFoundError(MechscopeError):
+    """A model name or folder could not be found (or needs a download while offline)."""
+
+
+class CorruptFileError(MechscopeError):
+    """A weight, cache or config file is truncated, malformed or unsafe to read."""
+
+
+class InputError(MechscopeError, ValueError):
+    """Bad tokens, text, attention mask, shapes or dtypes passed to a model."""
+
+
+class ContextLengthError(InputError):
+    """The sequence is longer than the model's context."""
+
+
+class NonFiniteError(MechscopeError, FloatingPointError):
+    """A forward pass produced NaN or inf (raised only when the opt-in check is on)."""
+
+
+def unknown_name_message(kind: str, name: str, known: Iterable[str], n: int = 5) -> str:
+    """'Unknown hook name X. Did you mean: a, b, c?' with the closest known names."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=n, cutoff=0.5)
+    if not close:  # fall back on names sharing the last component, e.g. 'hook_resid_post'
+        tail = name.rsplit(".", 1)[-1]
+        close = [k for k in known if k.endswith(tail)][:n]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"Unknown {kind} {name!r}.{hint} ({len(known)} names exist; see model.hook_names.)"

