@@ -209,7 +209,7 @@ class HookedTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def _prepare(self, input, attention_mask, prepend_bos, padding_side):
+    def _prepare(self, input, attention_mask, prepend_bos, padding_side, past: int = 0):
         """Validate input, tokenizing text; returns tokens [B, T] and mask [B, T] or None."""
         if isinstance(input, str) or (isinstance(input, list | tuple) and input and isinstance(input[0], str)):
             tokens, mask = self.to_tokens(input, prepend_bos, padding_side, return_mask=True)
@@ -230,9 +230,10 @@ class HookedTransformer(nn.Module):
                              f"[{int(tokens.min())}, {int(tokens.max())}].")
         tokens = tokens.to(self.device, torch.long)
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != tokens.shape:
+            want = (tokens.shape[0], past + tokens.shape[1])
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != want:
                 shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-                raise InputError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, got {shape}.")
+                raise InputError(f"attention_mask must have shape {want} (batch, past + new positions), got {shape}.")
             if attention_mask.dtype == torch.bool or attention_mask.is_floating_point():
                 if ((attention_mask != 0) & (attention_mask != 1)).any():
                     raise InputError("attention_mask must hold only 0 and 1.")
@@ -299,11 +300,9 @@ class HookedTransformer(nn.Module):
         """
         c = self.cfg
         if start_at_layer is None:
-            tokens, attention_mask = self._prepare(input, attention_mask, prepend_bos, padding_side)
-            B, T = tokens.shape
             past = kv_cache.length if kv_cache is not None else 0
-            if attention_mask is not None and attention_mask.shape[1] == T and past:
-                raise InputError("With a KV cache, attention_mask must cover past and new positions.")
+            tokens, attention_mask = self._prepare(input, attention_mask, prepend_bos, padding_side, past)
+            B, T = tokens.shape
             if past + T > c.n_ctx and c.positional == "learned":
                 raise ContextLengthError(
                     f"Sequence of {past + T} tokens exceeds the model's context of {c.n_ctx}; "
