@@ -10,6 +10,7 @@ import torch
 
 from mechscope.errors import UnsupportedArchitectureError
 from mechscope.models.loading import from_pretrained
+
 from parity import logprob_diff, padded_batch
 
 VOCAB = 128

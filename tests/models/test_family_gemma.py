@@ -7,6 +7,7 @@ import torch
 
 from mechscope.errors import UnsupportedArchitectureError
 from mechscope.models.loading import from_pretrained
+
 from parity import batched_equals_single, logprob_diff
 
 VOCAB = 128

@@ -8,9 +8,10 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_impl import gpt2_forward, llama_forward
 
 from mechscope.errors import HookNameError, InputError
+
+from reference_impl import gpt2_forward, llama_forward
 
 B, T = 2, 9
 TOKENS = torch.randint(4, 64, (B, T), generator=torch.Generator().manual_seed(0))
@@ -65,7 +66,7 @@ def test_every_hook_shape_and_edit_matches_plain_pytorch(request, family):
     for name in names:
         seen = {}
 
-        def hook(x, hook, name=name):
+        def hook(x, hook, name=name, seen=seen):
             seen["shape"] = tuple(x.shape)
             return _noise(name, x)
 
@@ -93,7 +94,7 @@ def test_run_with_cache_all_equals_individual_hooks(tiny_gpt2):
     for name in model.hook_names:
         seen = {}
         with torch.no_grad():
-            model.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda x, hook: seen.setdefault("x", x.clone()))])
+            model.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda x, hook, seen=seen: seen.setdefault("x", x.clone()))])
         assert torch.allclose(cache[name], seen["x"], atol=1e-5), name
 
 

@@ -8,10 +8,11 @@ import pickle
 
 import pytest
 import torch
-from parity import logprob_diff
 
 from mechscope.errors import CorruptFileError
 from mechscope.models.loading import from_hf, from_pretrained
+
+from parity import logprob_diff
 
 
 class _Exploit:

@@ -8,6 +8,7 @@ import torch
 from mechscope.errors import InputError, UnsupportedArchitectureError
 from mechscope.models import processing
 from mechscope.models.loading import from_pretrained
+
 from parity import padded_batch
 
 TOKENS = torch.randint(3, 64, (3, 12), generator=torch.Generator().manual_seed(0))

@@ -440,8 +440,9 @@ class HookedTransformer(nn.Module):
             last = self._last_layer(points)
             if last is not None:
                 kwargs["stop_at_layer"] = last + 1
-        fwd = [(lambda n, ids={id(p) for p in points}: id(self.hook_dict[n]) in ids, save)]
-        bwd = [(lambda n, ids={id(p) for p in points}: id(self.hook_dict[n]) in ids, save_grad)] if incl_bwd else []
+        wanted = {p.name for p in points}
+        fwd = [(wanted.__contains__, save)]
+        bwd = [(wanted.__contains__, save_grad)] if incl_bwd else []
         with self.hooks(fwd, bwd):
             out = self(*args, **kwargs)
         if kwargs.get("return_type", "logits") is None:
