@@ -30,10 +30,11 @@ def _hf_reference(model_name: str, folder):
     return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
-def inspect_model(name: str, parity: bool = True, out=sys.stdout) -> dict:
+def inspect_model(name: str, parity: bool = True, out=None) -> dict:
     """Load `name`, print what a user needs to start hooking it; returns the summary as a dict."""
     import torch
 
+    out = out or sys.stdout
     from mechscope.models.loading import from_pretrained, resolve_folder
 
     t0 = time.perf_counter()

@@ -140,6 +140,24 @@ def test_logprobs_match_transformers_gguf_loader(ours, reference) -> None:
 
 
 @pytest.mark.slow  # transformers' own GGUF load is ~40 s of CPU
+def test_hooked_transformer_matches_transformers_gguf_loader(converted, reference) -> None:
+    """The acceptance check: mechscope's model vs transformers reading the same GGUF file."""
+    from mechscope.models.loading import from_pretrained
+
+    ref_model, _ = reference
+    model = from_pretrained(converted["folder"])
+    for side in ("left", "right"):
+        tokens, mask = model.to_tokens(PROMPTS, padding_side=side, return_mask=True)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            want = ref_model(tokens, attention_mask=mask, position_ids=pos).logits.log_softmax(-1)
+            got = model(tokens, attention_mask=mask).log_softmax(-1)
+        max_diff = (got - want).abs()[mask.bool()].max().item()
+        print(f"\n[gguf] HookedTransformer vs transformers GGUF ({side} padding): {max_diff:.3g}")
+        assert max_diff < 1e-4
+
+
+@pytest.mark.slow  # transformers' own GGUF load is ~40 s of CPU
 def test_tokenizer_matches_transformers_gguf_tokenizer(ours, reference) -> None:
     _, tokenizer = ours
     _, ref_tokenizer = reference

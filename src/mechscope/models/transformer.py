@@ -193,6 +193,13 @@ class HookedTransformer(nn.Module):
         ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         return tok.decode(ids)
 
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token (no BOS), e.g. " Paris"."""
+        ids = self._need_tokenizer()(string, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise InputError(f"{string!r} is {len(ids)} tokens, not one: {self.tokenizer.convert_ids_to_tokens(ids)}.")
+        return ids[0]
+
     def to_str_tokens(self, text_or_tokens: str | torch.Tensor, prepend_bos: bool | None = None) -> list[str]:
         tokens = self.to_tokens(text_or_tokens, prepend_bos) if isinstance(text_or_tokens, str) else text_or_tokens
         tokens = tokens.reshape(-1) if tokens.dim() == 2 and tokens.shape[0] == 1 else tokens
