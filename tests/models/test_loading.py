@@ -69,7 +69,9 @@ def test_from_hf_matches_from_pretrained(tiny_gpt2):
     # weights are copies in our layout: editing ours leaves the HF model untouched
     with torch.no_grad():
         converted.blocks[0].mlp.up.weight.zero_()
+        converted.embed.weight.zero_()  # stored untransposed: the easy one to share by mistake
     assert hf.transformer.h[0].mlp.c_fc.weight.abs().sum() > 0
+    assert hf.transformer.wte.weight.abs().sum() > 0
 
 
 def test_loads_straight_into_dtype_and_ties(tiny_gpt2):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from mechscope.errors import InputError
 
-Act = Literal["gelu", "gelu_tanh", "gelu_new", "relu", "silu", "gelu_fast", "quick_gelu"]
+Act = Literal["gelu", "gelu_tanh", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "quick_gelu"]
 
 
 @dataclass

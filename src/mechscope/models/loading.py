@@ -138,7 +138,8 @@ def from_hf(hf_model, tokenizer: Any = None, *, device=None, dtype=None, process
     cfg = conv.convert_config(hf_model.config)
     cfg.model_name = getattr(hf_model.config, "_name_or_path", "") or cfg.architecture
     p = next(hf_model.parameters())
-    weights = Weights.from_state_dict(hf_model.state_dict(), conv.PREFIXES)
+    # clone: our model must never share storage with the HF one (processing edits in place)
+    weights = Weights({k: (lambda v=v: v.detach().clone()) for k, v in hf_model.state_dict().items()}, conv.PREFIXES)
     model = build(cfg, weights, conv, device=device or p.device, dtype=dtype or p.dtype, tokenizer=tokenizer)
     return model.process_weights() if process else model
 

@@ -1,0 +1,122 @@
+"""Qwen3 converter: Llama layout plus q/k RMSNorm over d_head (before rotary)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+from mechscope.errors import UnsupportedArchitectureError
+from mechscope.models.loading import from_hf, from_pretrained
+
+from parity import batched_equals_single, hf_positions, logprob_diff, padded_batch
+
+V = 128
+SIZES = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, max_position_embeddings=64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (two threads on a busy 2-core machine are ~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter (q/k norm weights and biases too) so that a wrong mapping shows."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(torch.nn.init.normal_(torch.empty_like(p), std=0.2))
+    return model.eval()
+
+
+def check_parity(hf, ours, label: str) -> None:
+    """Log-probs match HF (left and right padding), batched == single, from_hf == from_pretrained."""
+    for side in ("left", "right"):
+        diff, single = logprob_diff(hf, ours, V, side), batched_equals_single(ours, V, side)
+        print(f"{label} {side}: max |logprob diff| {diff:.2e}, batched vs single {single:.2e}")
+        assert diff < 1e-4 and single < 1e-4
+    tokens, mask = padded_batch(V, "left")
+    with torch.no_grad():
+        torch.testing.assert_close(from_hf(hf)(tokens, attention_mask=mask), ours(tokens, attention_mask=mask),
+                                   rtol=0, atol=1e-6)
+
+
+def check_residuals(ours) -> None:
+    """Residual identities, and an all-hooks-cached forward (eager attention) equals the fast one."""
+    tokens = padded_batch(V, "right")[0][:1]
+    with torch.no_grad():
+        logits, cache = ours.run_with_cache(tokens)
+        torch.testing.assert_close(logits, ours(tokens), rtol=0, atol=1e-4)
+    for layer in range(ours.cfg.n_layers):
+        c = lambda n, layer=layer: cache[f"blocks.{layer}.hook_{n}"]
+        torch.testing.assert_close(c("resid_mid"), c("resid_pre") + c("attn_out"))
+        torch.testing.assert_close(c("resid_post"), c("resid_mid") + c("mlp_out"))
+        if layer + 1 < ours.cfg.n_layers:
+            assert torch.equal(cache[f"blocks.{layer + 1}.hook_resid_pre"], c("resid_post"))
+
+
+VARIANTS = {
+    "gqa_headdim24_untied": dict(head_dim=24, tie_word_embeddings=False),
+    "bias_tied_window4": dict(head_dim=16, attention_bias=True, tie_word_embeddings=True,
+                              use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "yarn": dict(head_dim=16, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                               "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_parity(name, tmp_path):
+    hf = randomize_(tf.Qwen3ForCausalLM(tf.Qwen3Config(**SIZES, **VARIANTS[name])))
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(str(tmp_path))
+    c = ours.cfg
+    assert c.qk_norm and c.architecture == "Qwen3ForCausalLM" and c.d_head == hf.config.head_dim
+    assert c.attn_bias == c.attn_out_bias == hf.config.attention_bias
+    assert c.layer_types == (["full", "sliding"] if hf.config.use_sliding_window else None)
+    check_parity(hf, ours, name)
+    check_residuals(ours)
+
+
+def test_qk_norm_matters():
+    """Dropping the q/k norm weights (ones instead) gives visibly different log-probs."""
+    hf = randomize_(tf.Qwen3ForCausalLM(tf.Qwen3Config(**SIZES, head_dim=16)))
+    wrong = from_hf(copy.deepcopy(hf))  # from_hf may share storage with hf; edit a copy
+    with torch.no_grad():
+        for block in wrong.blocks:
+            block.attn.q_norm.w.fill_(1.0)
+            block.attn.k_norm.w.fill_(1.0)
+    diff = logprob_diff(hf, wrong, V, "right")
+    print(f"Qwen3 without q/k norm weights: {diff:.2e}")
+    assert diff > 1e-3
+
+
+def test_bare_model_hidden_states(tmp_path):
+    hf = randomize_(tf.Qwen3Model(tf.Qwen3Config(**SIZES, head_dim=16)))
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(str(tmp_path))
+    assert not ours.cfg.has_unembed and ours.cfg.architecture == "Qwen3Model"
+    tokens, mask = padded_batch(V, "left")
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=mask, position_ids=hf_positions(mask)).last_hidden_state
+        got = ours(tokens, attention_mask=mask, return_type="resid")
+    diff = float((ref - got).abs()[mask.bool()].max())
+    print(f"Qwen3Model hidden states: {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8,
+                           "short_factor": [1.0] * 8, "original_max_position_embeddings": 16}), "longrope"),
+    (dict(hidden_act="relu2"), "relu2"),
+])
+def test_unsupported_options_raise(kw, match, tmp_path):
+    tf.Qwen3Config(**SIZES, head_dim=16, **kw).save_pretrained(tmp_path)  # config.json alone
+    with pytest.raises(UnsupportedArchitectureError, match=match):
+        from_pretrained(str(tmp_path))
