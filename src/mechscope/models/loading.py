@@ -6,6 +6,7 @@ it in the final dtype/device, so loading never allocates the weights twice.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from pathlib import Path
@@ -134,8 +135,11 @@ def from_pretrained(name_or_dir: str | os.PathLike, *, device=None, dtype=torch.
 
 def from_hf(hf_model, tokenizer: Any = None, *, device=None, dtype=None, process: bool = False) -> HookedTransformer:
     """Convert an in-memory transformers model (weights are copied into our layout)."""
-    conv = converter_for(hf_model.config)
-    cfg = conv.convert_config(hf_model.config)
+    hf_config = copy.copy(hf_model.config)
+    if not getattr(hf_config, "architectures", None):  # a model built in memory, never saved
+        hf_config.architectures = [type(hf_model).__name__]
+    conv = converter_for(hf_config)
+    cfg = conv.convert_config(hf_config)
     cfg.model_name = getattr(hf_model.config, "_name_or_path", "") or cfg.architecture
     p = next(hf_model.parameters())
     # clone: our model must never share storage with the HF one (processing edits in place)
