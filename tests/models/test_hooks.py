@@ -215,3 +215,13 @@ def test_hooks_active_during_generation(tiny_gpt2):
     model.generate(TOKENS[:1], 4, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: calls.append(x.shape))],
                    stop_at_eos=False)
     assert len(calls) == 4 and calls[0][1] == T and calls[1][1] == 1  # prompt, then one token per step
+
+
+@pytest.mark.parametrize("name", ["blocks.0.ln1.hook_scale", "blocks.1.attn.hook_pattern", "blocks.0.hook_resid_mid"])
+def test_in_place_edit_equals_returned_edit(tiny_gpt2, name):
+    _, _, model = tiny_gpt2
+    with torch.no_grad():
+        returned = model.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda x, hook: x * 1.3)])
+        in_place = model.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda x, hook: x.mul_(1.3))])
+    assert torch.allclose(returned, in_place, atol=1e-6)
+    assert not torch.allclose(returned, model(TOKENS), atol=1e-3)

@@ -75,25 +75,34 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hook_scale.active:
             return self._explicit(x)
+        return self.forward_unhooked_scale(x)
+
+    def _explicit(self, x: torch.Tensor) -> torch.Tensor:
+        """hook_scale is hooked: expose the divisor; if a hook replaced it, normalise by the new one."""
+        xf = x.float()
+        if self.kind == "LN":
+            var, mean = torch.var_mean(xf, dim=-1, keepdim=True, correction=0)
+        else:
+            var, mean = xf.pow(2).mean(-1, keepdim=True), None
+        scale = (var + self.eps).sqrt()  # [..., 1]: small, so keeping a copy to detect edits is cheap
+        before = scale.clone()
+        new_scale = self.hook_scale(scale)
+        if new_scale is scale and torch.equal(scale, before):  # only read: use the fused fast path
+            return self.forward_unhooked_scale(x)
+        y = xf - mean if mean is not None else xf
+        y = (y / new_scale).to(x.dtype)
+        if self.w is not None:
+            y = y * self.w
+        if self.b is not None:
+            y = y + self.b
+        return self.hook_normalized(y)
+
+    def forward_unhooked_scale(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "LN":
             return self.hook_normalized(F.layer_norm(x, (self.d,), self.w, self.b, self.eps))
         # RMS: computed in float32 like HF, then cast back before the weight (Llama convention)
         xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = y.to(x.dtype)
-        if self.w is not None:
-            y = y * self.w
-        return self.hook_normalized(y)
-
-    def _explicit(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        if self.kind == "LN":
-            xf = xf - xf.mean(-1, keepdim=True)
-            scale = (xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        else:
-            scale = (xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        scale = self.hook_scale(scale)
-        y = (xf / scale).to(x.dtype)
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         if self.w is not None:
             y = y * self.w
         if self.b is not None:
@@ -338,7 +347,7 @@ class Attention(nn.Module):
             T, S = scores.shape[-2:]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)  # scores is a fresh tensor
         scores = self.hook_attn_scores(scores)
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         pattern = self.hook_pattern(pattern)
