@@ -19,9 +19,10 @@ def test_greedy_matches_hf_with_left_padding(request, family):
     assert torch.equal(model.generate(tokens, 10, attention_mask=mask, stop_at_eos=False, use_kv_cache=False), ours)
 
 
-def test_batched_generation_equals_one_by_one(tiny_llama):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batched_generation_equals_one_by_one(tiny_llama, side):
     _, _, model = tiny_llama
-    tokens, mask = padded_batch(64, "left", seed=4)
+    tokens, mask = padded_batch(64, side, seed=4)
     batched = model.generate(tokens, 8, attention_mask=mask, stop_at_eos=False)
     for i in range(tokens.shape[0]):
         alone = model.generate(tokens[i, mask[i].bool()][None], 8, stop_at_eos=False)

@@ -78,6 +78,9 @@ def generate(
     else:
         tokens, mask = model._prepare(input, attention_mask, prepend_bos, "left")
         mask = torch.ones_like(tokens) if mask is None else mask
+        if not bool(mask[:, -1].all()):  # right-padded: move each row's real tokens to the end
+            order = torch.argsort(mask, dim=1, stable=True)  # pads (0) first, real tokens keep their order
+            tokens, mask = tokens.gather(1, order), mask.gather(1, order)
     B, T = tokens.shape
     if T + max_new_tokens > model.cfg.n_ctx:
         raise ContextLengthError(
