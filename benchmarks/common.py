@@ -49,7 +49,11 @@ def _byte_level_tokenizer():
     from transformers import GPT2TokenizerFast
 
     # GPT-2's ids 0..255 are its byte-level symbols in this order (GPT-2's bytes_to_unicode()).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs + [256 + i for i in range(256 - len(bs))]
     vocab = {chr(c): i for i, c in enumerate(cs)}
     vocab["<|endoftext|>"] = GPT2_VOCAB - 1
@@ -57,8 +61,9 @@ def _byte_level_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     eot = "<|endoftext|>"
-    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, unk_token=eot,
-                             model_max_length=1024)
+    return GPT2TokenizerFast(
+        tokenizer_object=tok, bos_token=eot, eos_token=eot, unk_token=eot, model_max_length=1024
+    )
 
 
 def make_gpt2_small_folder(path: str | os.PathLike, seed: int = 0) -> Path:
@@ -69,20 +74,32 @@ def make_gpt2_small_folder(path: str | os.PathLike, seed: int = 0) -> Path:
 
     path = Path(path)
     stamp = path / "mechscope-bench.json"
-    if (path / "model.safetensors").exists() and stamp.exists() and json.loads(stamp.read_text()) == {"seed": seed}:
+    if (
+        (path / "model.safetensors").exists()
+        and stamp.exists()
+        and json.loads(stamp.read_text()) == {"seed": seed, "v": 2}
+    ):
         return path
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=GPT2_VOCAB, n_positions=1024)
+    # n_ctx: legacy field that the real openai-community/gpt2 config.json carries and TransformerLens reads.
+    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=GPT2_VOCAB, n_positions=1024, n_ctx=1024)
     model = GPT2LMHeadModel(cfg).eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     _byte_level_tokenizer().save_pretrained(path)
-    stamp.write_text(json.dumps({"seed": seed}))
+    stamp.write_text(json.dumps({"seed": seed, "v": 2}))
     return path
 
 
-def run_peer(tool: str, model_dir: str | os.PathLike, shapes: str | Sequence[str], rounds: int = 3,
-             seed: int = 0, venv: str = "peers", timeout: float = 1800) -> dict | None:
+def run_peer(
+    tool: str,
+    model_dir: str | os.PathLike,
+    shapes: str | Sequence[str],
+    rounds: int = 3,
+    seed: int = 0,
+    venv: str = "peers",
+    timeout: float = 1800,
+) -> dict | None:
     """Measure a peer tool ('tl', 'bridge', 'nnsight') in its isolated venv; returns the JSON dict printed by
     `_peer_forward.py`, or None (with a note) when the venv is missing or the run fails."""
     py = PEER_VENVS[venv] / "bin" / "python"
@@ -90,8 +107,20 @@ def run_peer(tool: str, model_dir: str | os.PathLike, shapes: str | Sequence[str
         print(f"[run_peer] {py} is missing: build it with `bash benchmarks/peer_venv.sh` (skipping {tool})")
         return None
     shapes = shapes if isinstance(shapes, str) else ",".join(shapes)
-    cmd = [str(py), str(BENCH_DIR / "_peer_forward.py"), "--tool", tool, "--model-dir", str(model_dir),
-           "--shapes", shapes, "--rounds", str(rounds), "--seed", str(seed)]
+    cmd = [
+        str(py),
+        str(BENCH_DIR / "_peer_forward.py"),
+        "--tool",
+        tool,
+        "--model-dir",
+        str(model_dir),
+        "--shapes",
+        shapes,
+        "--rounds",
+        str(rounds),
+        "--seed",
+        str(seed),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
@@ -100,7 +129,9 @@ def run_peer(tool: str, model_dir: str | os.PathLike, shapes: str | Sequence[str
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def timeit_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
+def timeit_interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1
+) -> dict[str, float]:
     """Time each candidate once per round, candidates interleaved (order rotated every round) so drift in
     machine speed hits all of them alike. Returns {name: median seconds}."""
     names = list(fns)
@@ -109,7 +140,7 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, wa
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)

@@ -32,7 +32,7 @@ build_venv() {
   local reqs="$TORCH_PIN $*"
   local stamp="$venv/.mechscope-stamp"
   if [[ -z "${FORCE:-}" && -f "$stamp" && "$(cat "$stamp")" == "$reqs" ]] \
-     && "$venv/bin/python" -c "$check" 2>/dev/null; then
+     && "$venv/bin/python" -c "$check" >/dev/null 2>&1; then
     echo "== $venv is up to date ($reqs)"
     return 0
   fi
@@ -62,9 +62,9 @@ what="${1:-all}"
 if [[ "$what" == all || "$what" == peers ]]; then
   build_venv .venv-peers "import torch, transformers, transformer_lens, nnsight, sae_lens, sparsify" \
     transformers==5.24.0 transformer-lens==3.9.0 nnsight==0.8.1 sae-lens==6.54.12 eai-sparsify==1.3.3 psutil
-  show .venv-peers torch transformers transformer-lens transformer_lens nnsight sae-lens sae_lens eai-sparsify psutil
+  show .venv-peers torch transformers transformer-lens nnsight sae-lens eai-sparsify psutil
 fi
 if [[ "$what" == all || "$what" == ct ]]; then
   build_venv .venv-circuit-tracer "import torch, transformers, circuit_tracer" "circuit-tracer==0.5.*" psutil
-  show .venv-circuit-tracer torch transformers circuit-tracer circuit_tracer psutil
+  show .venv-circuit-tracer torch transformers circuit-tracer transformer-lens nnsight psutil
 fi
