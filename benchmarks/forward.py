@@ -48,6 +48,8 @@ def _load_probe(which: str, folder: str) -> None:
         t0 = time.perf_counter()
         model = GPT2LMHeadModel.from_pretrained(folder).eval()
     else:
+        from transformers import AutoConfig  # noqa: F401  (the HF probe pays its imports before timing too)
+
         from mechscope import HookedTransformer
 
         t0 = time.perf_counter()

@@ -225,3 +225,18 @@ def test_in_place_edit_equals_returned_edit(tiny_gpt2, name):
         in_place = model.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda x, hook: x.mul_(1.3))])
     assert torch.allclose(returned, in_place, atol=1e-6)
     assert not torch.allclose(returned, model(TOKENS), atol=1e-3)
+
+
+def test_cached_head_results_are_lazy_but_exact(tiny_gpt2):
+    _, _, model = tiny_gpt2
+    name = "blocks.1.attn.hook_result"
+    seen = {}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS, names_filter=name)
+        model.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda x, hook: seen.setdefault("x", x.clone()))])
+        # with a user's edit active on the point, the cache must show the edited value
+        with model.hooks([(name, lambda x, hook: x * 2)]):
+            _, edited = model.run_with_cache(TOKENS, names_filter=name)
+    assert list(cache.keys()) == [name]  # the helper z was not left in the cache
+    torch.testing.assert_close(cache[name], seen["x"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(edited[name], 2 * seen["x"], atol=1e-5, rtol=1e-5)

@@ -13,7 +13,7 @@ import difflib
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,34 @@ def _slice(t: torch.Tensor, s: Index, dim: int) -> torch.Tensor:
     idx: list[Any] = [slice(None)] * t.dim()
     idx[dim] = slice(*s) if isinstance(s, tuple) else torch.as_tensor(s) if isinstance(s, list) else s
     return t[tuple(idx)]
+
+
+class LazyTensor:
+    """A cache entry computed on first access (per-head results from the cached z and W_O), so
+    caching "everything" does not pay for [B, T, H, D] tensors nobody reads."""
+
+    def __init__(self, compute: Callable[[], torch.Tensor]) -> None:
+        self.compute = compute
+
+
+class LazyStore(dict):
+    """name -> tensor dict whose LazyTensor values are computed, and kept, when first read."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = dict.__getitem__(self, key)
+        if isinstance(value, LazyTensor):
+            value = value.compute()
+            dict.__setitem__(self, key, value)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def values(self) -> list[torch.Tensor]:  # type: ignore[override]
+        return [self[k] for k in self]
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:  # type: ignore[override]
+        return [(k, self[k]) for k in self]
 
 
 class ActivationCache(Mapping):

@@ -446,19 +446,23 @@ class Block(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding (plus BERT token types); W_E [d_vocab, D]."""
+    """A lookup table [n, D] (tokens, positions or BERT token types), optionally scaled (Gemma).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    A plain parameter rather than nn.Embedding: building on the meta device must not run an
+    initialiser (nn.Embedding's normal_ drags in torch._dynamo: seconds and hundreds of MiB).
+    """
+
+    def __init__(self, n: int, d_model: int, scale: float | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
-        self.scale = cfg.embed_scale
+        self.weight = nn.Parameter(torch.empty(n, d_model))
+        self.scale = scale
 
     @property
     def W_E(self) -> torch.Tensor:
         return self.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(tokens, self.weight)
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.weight)
         if self.scale is not None:  # Gemma multiplies by sqrt(d_model) rounded to the activation dtype
             x = x * torch.tensor(self.scale, dtype=x.dtype)
         return x

@@ -95,7 +95,11 @@ def build(cfg: ModelConfig, weights: Weights, converter, *, device=None, dtype=t
         model = HookedTransformer(cfg, tokenizer=tokenizer)
     sd = {}
     for name, t in converter.convert_weights(cfg, weights).items():
-        sd[name] = t.to(device=device, dtype=dtype).contiguous()
+        # exactly one copy per tensor, into memory we own, contiguous, in the final dtype/device.
+        # (safetensors tensors are views of a file mapping: keeping them would keep every page
+        # we read for a transpose mapped as well, and tie our model to the file.)
+        sd[name] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
+        del t
     expected = set(model.state_dict())
     if cfg.tie_word_embeddings:
         expected.discard("unembed.weight")
@@ -142,8 +146,8 @@ def from_hf(hf_model, tokenizer: Any = None, *, device=None, dtype=None, process
     cfg = conv.convert_config(hf_config)
     cfg.model_name = getattr(hf_model.config, "_name_or_path", "") or cfg.architecture
     p = next(hf_model.parameters())
-    # clone: our model must never share storage with the HF one (processing edits in place)
-    weights = Weights({k: (lambda v=v: v.detach().clone()) for k, v in hf_model.state_dict().items()}, conv.PREFIXES)
+    # build() copies every tensor, so our model never shares storage with the HF one
+    weights = Weights.from_state_dict(hf_model.state_dict(), conv.PREFIXES)
     model = build(cfg, weights, conv, device=device or p.device, dtype=dtype or p.dtype, tokenizer=tokenizer)
     return model.process_weights() if process else model
 

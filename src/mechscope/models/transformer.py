@@ -26,7 +26,7 @@ from mechscope.errors import (
     NonFiniteError,
     unknown_name_message,
 )
-from mechscope.models.cache import ActivationCache
+from mechscope.models.cache import ActivationCache, LazyStore, LazyTensor
 from mechscope.models.components import Block, Embed, KVCache, MLMHead, Norm, Rotary
 from mechscope.models.config import ModelConfig
 from mechscope.models.hooks import HookFn, HookPoint
@@ -41,13 +41,13 @@ class HookedTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.embed = Embed(cfg)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model, cfg.embed_scale)
         self.hook_embed = HookPoint()  # [B, T, D]
         if cfg.positional == "learned":
-            self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+            self.pos_embed = Embed(cfg.n_ctx, cfg.d_model)
             self.hook_pos_embed = HookPoint()  # [B, T, D]
         if cfg.n_token_types:
-            self.token_type_embed = nn.Embedding(cfg.n_token_types, cfg.d_model)
+            self.token_type_embed = Embed(cfg.n_token_types, cfg.d_model)
             self.hook_token_type_embed = HookPoint()
         if cfg.embed_norm:
             self.embed_ln = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
@@ -429,29 +429,40 @@ class HookedTransformer(nn.Module):
         return_type=None.
         """
         points = self._select(names_filter)
-        store: dict[str, torch.Tensor] = {}
+        store = LazyStore()
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            if device is not None or dtype is not None:
+                t = t.to(device=device or t.device, dtype=dtype or t.dtype)
+            return t[0] if remove_batch_dim else t
 
         def save(x: torch.Tensor, hook: HookPoint) -> None:
-            t = x.detach()
-            if device is not None or dtype is not None:
-                t = t.to(device=device or t.device, dtype=dtype or t.dtype)
-            store[hook.name] = t[0] if remove_batch_dim else t
+            store[hook.name] = convert(x.detach())
 
         def save_grad(g: torch.Tensor, hook: HookPoint) -> None:
-            t = g.detach()
-            if device is not None or dtype is not None:
-                t = t.to(device=device or t.device, dtype=dtype or t.dtype)
-            store[hook.name + "_grad"] = t[0] if remove_batch_dim else t
+            store[hook.name + "_grad"] = convert(g.detach())
 
+        # per-head results are a function of hook_z and W_O: cache them lazily (computed on first
+        # read) unless their gradients are wanted. Caching everything then costs no [B,T,H,D] tensors.
+        lazy = [] if incl_bwd else [p for p in points if p.name.endswith("attn.hook_result") and not p.active]
+        z_needed = {p.name.removesuffix("hook_result") + "hook_z" for p in lazy}
+        wanted = {p.name for p in points if p not in lazy} | z_needed
         if kwargs.get("return_type", "logits") is None and kwargs.get("stop_at_layer") is None:
             last = self._last_layer(points)
             if last is not None:
                 kwargs["stop_at_layer"] = last + 1
-        wanted = {p.name for p in points}
         fwd = [(wanted.__contains__, save)]
         bwd = [(wanted.__contains__, save_grad)] if incl_bwd else []
         with self.hooks(fwd, bwd):
             out = self(*args, **kwargs)
+        requested = {p.name for p in points}
+        for p in lazy:
+            z_name = p.name.removesuffix("hook_result") + "hook_z"
+            if z_name in store:  # the forward may have stopped before this layer
+                z = store[z_name] if z_name in requested else store.pop(z_name)
+                w = self.get_submodule(p.name.removesuffix(".hook_result")).o.weight.detach()
+                w = w.to(z.device, z.dtype).clone().view(self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head)
+                store[p.name] = LazyTensor(lambda z=z, w=w: torch.einsum("...he,dhe->...hd", z, w))
         if kwargs.get("return_type", "logits") is None:
             out = None
         return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
