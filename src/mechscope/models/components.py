@@ -236,14 +236,14 @@ class Attention(nn.Module):
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
         self.qkv = nn.Linear(D, (H + 2 * K) * E, bias=cfg.attn_bias)
         self.o = nn.Linear(H * E, D, bias=cfg.attn_out_bias)
-        if cfg.qk_norm:
-            self.q_norm = Norm(E, "RMS", cfg.norm_eps)
-            self.k_norm = Norm(E, "RMS", cfg.norm_eps)
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(E)
         self.sliding = cfg.is_sliding(layer)
         self.hook_q = HookPoint()  # [B, T, H, E]
         self.hook_k = HookPoint()  # [B, S, K, E]
         self.hook_v = HookPoint()  # [B, S, K, E]
+        if cfg.qk_norm:
+            self.q_norm = Norm(E, "RMS", cfg.norm_eps)
+            self.k_norm = Norm(E, "RMS", cfg.norm_eps)
         if cfg.positional == "rotary":
             self.hook_rot_q = HookPoint()  # [B, T, H, E]
             self.hook_rot_k = HookPoint()  # [B, S, K, E]
@@ -367,9 +367,10 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         if cfg.gated_mlp:
             self.gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
-            self.hook_pre_linear = HookPoint()  # [B, T, d_mlp] the up projection
         self.down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.hook_pre = HookPoint()  # [B, T, d_mlp] pre-activation (the gate, for gated MLPs)
+        if cfg.gated_mlp:
+            self.hook_pre_linear = HookPoint()  # [B, T, d_mlp] the up projection
         self.hook_post = HookPoint()  # [B, T, d_mlp]
 
     @property
@@ -402,19 +403,20 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
+        # registered in forward order, so model.hook_names reads like the computation
+        self.hook_resid_pre = HookPoint()  # [B, T, D]
         self.ln1 = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
-        self.ln2 = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
         if cfg.post_attn_norm:
             self.ln1_post = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
-        if cfg.post_mlp_norm:
-            self.ln2_post = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
-        self.attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
-        self.hook_resid_pre = HookPoint()  # [B, T, D]
         self.hook_attn_out = HookPoint()  # [B, T, D] what attention adds to the residual
-        self.hook_mlp_out = HookPoint()  # [B, T, D] what the MLP adds
         if not cfg.parallel_attn_mlp:
             self.hook_resid_mid = HookPoint()  # [B, T, D]
+        self.ln2 = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        if cfg.post_mlp_norm:
+            self.ln2_post = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
+        self.hook_mlp_out = HookPoint()  # [B, T, D] what the MLP adds
         self.hook_resid_post = HookPoint()  # [B, T, D]
         if cfg.post_layernorm:
             self.hook_normalized_resid_post = HookPoint()  # BERT: the block's output after ln2
