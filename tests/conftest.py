@@ -11,6 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/parity.py, tests/reference_impl.py
 
+from parity import randomize_  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -35,12 +37,13 @@ def make_word_tokenizer(add_bos: bool = True):
                                    unk_token="<unk>")
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
-    """Perturb every parameter (norm weights and biases too) so a wrong mapping shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(torch.randn(p.shape, generator=g) * std)
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (two threads on a busy 2-core machine are ~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

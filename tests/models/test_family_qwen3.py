@@ -11,55 +11,21 @@ import transformers as tf
 from mechscope.errors import UnsupportedArchitectureError
 from mechscope.models.loading import from_hf, from_pretrained
 
-from parity import batched_equals_single, hf_positions, logprob_diff, padded_batch
+from parity import (
+    check_parity,
+    check_residuals,
+    hf_positions,
+    logprob_diff,
+    padded_batch,
+    randomize_,
+)
 
 V = 128
 SIZES = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=96, max_position_embeddings=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy 2-core machine are ~10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Perturb every parameter (q/k norm weights and biases too) so that a wrong mapping shows."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(torch.nn.init.normal_(torch.empty_like(p), std=0.2))
-    return model.eval()
-
-
-def check_parity(hf, ours, label: str) -> None:
-    """Log-probs match HF (left and right padding), batched == single, from_hf == from_pretrained."""
-    for side in ("left", "right"):
-        diff, single = logprob_diff(hf, ours, V, side), batched_equals_single(ours, V, side)
-        print(f"{label} {side}: max |logprob diff| {diff:.2e}, batched vs single {single:.2e}")
-        assert diff < 1e-4 and single < 1e-4
-    tokens, mask = padded_batch(V, "left")
-    with torch.no_grad():
-        torch.testing.assert_close(from_hf(hf)(tokens, attention_mask=mask), ours(tokens, attention_mask=mask),
-                                   rtol=0, atol=1e-6)
-
-
-def check_residuals(ours) -> None:
-    """Residual identities, and an all-hooks-cached forward (eager attention) equals the fast one."""
-    tokens = padded_batch(V, "right")[0][:1]
-    with torch.no_grad():
-        logits, cache = ours.run_with_cache(tokens)
-        torch.testing.assert_close(logits, ours(tokens), rtol=0, atol=1e-4)
-    for layer in range(ours.cfg.n_layers):
-        c = lambda n, layer=layer: cache[f"blocks.{layer}.hook_{n}"]
-        torch.testing.assert_close(c("resid_mid"), c("resid_pre") + c("attn_out"))
-        torch.testing.assert_close(c("resid_post"), c("resid_mid") + c("mlp_out"))
-        if layer + 1 < ours.cfg.n_layers:
-            assert torch.equal(cache[f"blocks.{layer + 1}.hook_resid_pre"], c("resid_post"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VARIANTS = {
@@ -80,8 +46,8 @@ def test_parity(name, tmp_path):
     assert c.qk_norm and c.architecture == "Qwen3ForCausalLM" and c.d_head == hf.config.head_dim
     assert c.attn_bias == c.attn_out_bias == hf.config.attention_bias
     assert c.layer_types == (["full", "sliding"] if hf.config.use_sliding_window else None)
-    check_parity(hf, ours, name)
-    check_residuals(ours)
+    check_parity(hf, ours, V, name)
+    check_residuals(ours, V)
 
 
 def test_qk_norm_matters():

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from conftest import randomize_
 
 from mechscope.models.loading import from_hf
+
+from parity import randomize_
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96, vocab_size=64,
              max_position_embeddings=64)

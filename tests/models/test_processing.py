@@ -9,18 +9,10 @@ from mechscope.errors import InputError, UnsupportedArchitectureError
 from mechscope.models import processing
 from mechscope.models.loading import from_pretrained
 
-from parity import padded_batch
+from parity import padded_batch, randomize_
 
 TOKENS = torch.randint(3, 64, (3, 12), generator=torch.Generator().manual_seed(0))
 TOL = 1e-4
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Perturb every parameter (norm weights, biases) so that a wrong fold shows up."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def amax(t: torch.Tensor) -> float:
