@@ -71,3 +71,12 @@ def test_paragraph_loss_far_below_uniform(smollm2):
     loss = smollm2(PARAGRAPH, return_type="loss").item()
     print(f"\nSmolLM2 paragraph loss {loss:.3f} nats/token (uniform {math.log(49152):.2f})")
     assert loss < 4.0
+
+
+def test_from_gguf_is_the_same_model(smollm2):
+    from mechscope.models.gguf import smollm2_gguf_path
+
+    model = HookedTransformer.from_gguf(smollm2_gguf_path())  # converted once, then cached
+    tokens = smollm2.to_tokens(PROMPTS[0])
+    with torch.no_grad():
+        assert torch.equal(model(tokens), smollm2(tokens))
