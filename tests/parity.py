@@ -36,6 +36,15 @@ def logprob_diff(hf_model, model, vocab: int, side: str, seed: int = 0, hf_kwarg
 
 
 @torch.no_grad()
+def hidden_state_diff(hf_model, model, vocab: int, side: str = "left", seed: int = 0) -> float:
+    """Max |final hidden state difference| at real positions, for bare models without an unembedding."""
+    tokens, mask = padded_batch(vocab, side, seed)
+    ref = hf_model(tokens, attention_mask=mask, position_ids=hf_positions(mask)).last_hidden_state
+    ours = model(tokens, attention_mask=mask, return_type="resid")
+    return float((ref - ours).abs()[mask.bool()].max())
+
+
+@torch.no_grad()
 def batched_equals_single(model, vocab: int, side: str, seed: int = 0) -> float:
     """Max |logit difference| between a padded batch and each prompt run alone."""
     tokens, mask = padded_batch(vocab, side, seed)

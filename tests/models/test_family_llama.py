@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import transformers as tf
 
 from mechscope.errors import UnsupportedArchitectureError
@@ -15,9 +14,8 @@ from mechscope.models.loading import from_hf, from_pretrained
 from parity import (
     check_parity,
     check_residuals,
-    hf_positions,
+    hidden_state_diff,
     logprob_diff,
-    padded_batch,
     randomize_,
 )
 
@@ -102,11 +100,7 @@ def test_bare_model_hidden_states(tmp_path):
     hf = randomize_(tf.LlamaModel(tf.LlamaConfig(**SIZES, num_key_value_heads=2)))
     ours = save_and_load(hf, tmp_path)
     assert not ours.cfg.has_unembed and ours.cfg.architecture == "LlamaModel"
-    tokens, mask = padded_batch(V, "left")
-    with torch.no_grad():
-        ref = hf(tokens, attention_mask=mask, position_ids=hf_positions(mask)).last_hidden_state
-        got = ours(tokens, attention_mask=mask, return_type="resid")
-    diff = float((ref - got).abs()[mask.bool()].max())
+    diff = hidden_state_diff(hf, ours, V)
     print(f"LlamaModel hidden states: {diff:.2e}")
     assert diff < 1e-4
 

@@ -14,9 +14,8 @@ from mechscope.models.loading import from_hf, from_pretrained
 from parity import (
     check_parity,
     check_residuals,
-    hf_positions,
+    hidden_state_diff,
     logprob_diff,
-    padded_batch,
     randomize_,
 )
 
@@ -68,11 +67,7 @@ def test_bare_model_hidden_states(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = from_pretrained(str(tmp_path))
     assert not ours.cfg.has_unembed and ours.cfg.architecture == "Qwen3Model"
-    tokens, mask = padded_batch(V, "left")
-    with torch.no_grad():
-        ref = hf(tokens, attention_mask=mask, position_ids=hf_positions(mask)).last_hidden_state
-        got = ours(tokens, attention_mask=mask, return_type="resid")
-    diff = float((ref - got).abs()[mask.bool()].max())
+    diff = hidden_state_diff(hf, ours, V)
     print(f"Qwen3Model hidden states: {diff:.2e}")
     assert diff < 1e-4
 
