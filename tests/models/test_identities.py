@@ -72,3 +72,22 @@ def test_identities(model):
         recon = torch.tanh(recon / c.final_softcap) * c.final_softcap
     torch.testing.assert_close(recon, logits, **tol)
     torch.testing.assert_close(cache["hook_unembed"], logits)
+
+
+def test_every_hook_point_fires_once_and_its_edit_matters(model):
+    """No hook point of any family silently never fires, fires twice, or is ignored when edited."""
+    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    ret = "logits" if model.cfg.has_unembed else "resid"
+    with torch.no_grad():
+        base = model(tokens, return_type=ret)
+        for name in model.hook_names:
+            calls = []
+
+            def edit(x, hook, calls=calls):  # elementwise, non-uniform: norms cannot undo it
+                calls.append(tuple(x.shape))
+                return x * (1 + 0.5 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0)))
+
+            out = model.run_with_hooks(tokens, return_type=ret, fwd_hooks=[(name, edit)])
+            assert len(calls) == 1, f"{name} fired {len(calls)} times"
+            assert calls[0][0] == 2, f"{name}: batch dim missing in {calls[0]}"
+            assert (out - base).abs().max() > 1e-4, f"{name}: editing it changed nothing"
