@@ -34,11 +34,14 @@ import contextlib
 import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timeit_interleaved  # noqa: E402  (stdlib-only at import: safe inside the peer venv)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -52,20 +55,6 @@ def rss_mib(key: str = "VmRSS:") -> float:
             if line.startswith(key):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def timeit_interleaved(fns, rounds, warmup):
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def _load_tl(model_dir, tok):
@@ -208,7 +197,7 @@ def main() -> None:
                 )
                 if hf is not None:
                     fns["hf_forward_s"] = lambda ids=ids: hf(ids)
-                row = timeit_interleaved(fns, args.rounds, args.warmup)
+                row = timeit_interleaved(fns, rounds=args.rounds, warmup=args.warmup)
                 if args.tool != "nnsight":
                     row["n_cached_all"] = len(model.run_with_cache(ids)[1])
             row.setdefault("cache_all_s", None)

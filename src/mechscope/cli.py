@@ -16,18 +16,14 @@ DEFAULT_MODEL = "smollm2"
 PARITY_PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to"]
 
 
-def _hf_reference(model_name: str, folder):
-    """The same checkpoint loaded by plain transformers (the ground truth)."""
+def _hf_reference(folder):
+    """The same checkpoint loaded by plain transformers, as the class its config.json names."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
+    import transformers
 
-    cls = AutoModelForCausalLM
-    from transformers import AutoConfig
-
-    archs = AutoConfig.from_pretrained(str(folder)).architectures or []
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        cls = AutoModel
-    return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+    archs = transformers.AutoConfig.from_pretrained(str(folder)).architectures or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    return (cls or transformers.AutoModel).from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
 def inspect_model(name: str, parity: bool = True, out=None) -> dict:
@@ -70,20 +66,15 @@ def inspect_model(name: str, parity: bool = True, out=None) -> dict:
 
     if parity:
         t0 = time.perf_counter()
-        hf = _hf_reference(name, folder)
+        hf = _hf_reference(folder)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # transformers does not derive positions from the mask
         with torch.no_grad():
-            if cfg.has_unembed and cfg.causal:
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                ref = hf(tokens, attention_mask=mask, position_ids=pos).logits.log_softmax(-1)
-                ours = model(tokens, attention_mask=mask).log_softmax(-1)
-                what = "log-prob"
-            elif cfg.has_unembed:
-                ref = hf(tokens, attention_mask=mask).logits.log_softmax(-1)
-                ours = model(tokens, attention_mask=mask).log_softmax(-1)
+            hf_out = hf(tokens, attention_mask=mask, position_ids=pos)
+            if cfg.has_unembed:
+                ref, ours = hf_out.logits.log_softmax(-1), model(tokens, attention_mask=mask).log_softmax(-1)
                 what = "log-prob"
             else:
-                ref = hf(tokens, attention_mask=mask).last_hidden_state
-                ours = model(tokens, attention_mask=mask, return_type="resid")
+                ref, ours = hf_out.last_hidden_state, model(tokens, attention_mask=mask, return_type="resid")
                 what = "hidden-state"
         diff = float((ref - ours).abs()[mask.bool()].max())
         ok = diff < 1e-4

@@ -89,7 +89,10 @@ class HookedTransformer(nn.Module):
     def _match(self, name_or_fn: str | Callable[[str], bool], kind: str = "hook name") -> list[HookPoint]:
         """Resolve a hook name, glob ('blocks.*.hook_resid_post') or predicate to hook points."""
         if callable(name_or_fn):
-            return [hp for n, hp in self.hook_dict.items() if name_or_fn(n)]
+            hits = [hp for n, hp in self.hook_dict.items() if name_or_fn(n)]
+            if not hits:
+                raise HookNameError(f"Hook predicate {name_or_fn!r} matched no hook point; see model.hook_names.")
+            return hits
         if name_or_fn in self.hook_dict:
             return [self.hook_dict[name_or_fn]]
         if any(ch in name_or_fn for ch in "*?["):
@@ -100,10 +103,7 @@ class HookedTransformer(nn.Module):
 
     def add_hook(self, name: str | Callable[[str], bool], fn: HookFn, direction: str = "fwd") -> list:
         """Permanently add a hook (until reset_hooks). Prefer hooks()/run_with_hooks."""
-        points = self._match(name)
-        if not points:
-            raise HookNameError(f"Hook predicate {name!r} matched no hook point.")
-        return [hp.add_hook(fn, direction) for hp in points]  # type: ignore[arg-type]
+        return [hp.add_hook(fn, direction) for hp in self._match(name)]  # type: ignore[arg-type]
 
     def reset_hooks(self) -> None:
         for hp in self.hook_dict.values():
@@ -116,10 +116,7 @@ class HookedTransformer(nn.Module):
         try:
             for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
                 for name, fn in pairs:
-                    points = self._match(name)
-                    if not points:
-                        raise HookNameError(f"Hook predicate {name!r} matched no hook point.")
-                    handles += [hp.add_hook(fn, direction) for hp in points]  # type: ignore[arg-type]
+                    handles += [hp.add_hook(fn, direction) for hp in self._match(name)]  # type: ignore[arg-type]
             yield self
         finally:
             for h in handles:
@@ -241,10 +238,7 @@ class HookedTransformer(nn.Module):
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != want:
                 shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
                 raise InputError(f"attention_mask must have shape {want} (batch, past + new positions), got {shape}.")
-            if attention_mask.dtype == torch.bool or attention_mask.is_floating_point():
-                if ((attention_mask != 0) & (attention_mask != 1)).any():
-                    raise InputError("attention_mask must hold only 0 and 1.")
-            elif ((attention_mask != 0) & (attention_mask != 1)).any():
+            if ((attention_mask != 0) & (attention_mask != 1)).any():
                 raise InputError("attention_mask must hold only 0 and 1.")
             attention_mask = attention_mask.to(self.device).long()
             if not bool(attention_mask.any(dim=-1).all()):
@@ -258,8 +252,7 @@ class HookedTransformer(nn.Module):
         if mask is None:
             return torch.arange(past, past + T, device=self.device).expand(B, T)
         # count real tokens so that left padding does not shift positions
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        return pos[:, -T:] if pos.shape[1] != T else pos
+        return (mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]  # the mask may also cover cached positions
 
     def _attn_masks(self, mask: torch.Tensor | None, T: int, S: int) -> dict[bool, torch.Tensor | None]:
         """Boolean masks [B, 1, T, S] (True = attend) for full and sliding layers; None = plain causal."""
@@ -445,8 +438,8 @@ class HookedTransformer(nn.Module):
         # per-head results are a function of hook_z and W_O: cache them lazily (computed on first
         # read) unless their gradients are wanted. Caching everything then costs no [B,T,H,D] tensors.
         lazy = [] if incl_bwd else [p for p in points if p.name.endswith("attn.hook_result") and not p.active]
-        z_needed = {p.name.removesuffix("hook_result") + "hook_z" for p in lazy}
-        wanted = {p.name for p in points if p not in lazy} | z_needed
+        z_of = {p.name: p.name.removesuffix("hook_result") + "hook_z" for p in lazy}
+        wanted = {p.name for p in points if p not in lazy} | set(z_of.values())
         if kwargs.get("return_type", "logits") is None and kwargs.get("stop_at_layer") is None:
             last = self._last_layer(points)
             if last is not None:
@@ -457,7 +450,7 @@ class HookedTransformer(nn.Module):
             out = self(*args, **kwargs)
         requested = {p.name for p in points}
         for p in lazy:
-            z_name = p.name.removesuffix("hook_result") + "hook_z"
+            z_name = z_of[p.name]
             if z_name in store:  # the forward may have stopped before this layer
                 z = store[z_name] if z_name in requested else store.pop(z_name)
                 w = self.get_submodule(p.name.removesuffix(".hook_result")).o.weight.detach()
@@ -473,10 +466,7 @@ class HookedTransformer(nn.Module):
         if isinstance(names_filter, str):
             names_filter = [names_filter]
         if callable(names_filter):
-            points = self._match(names_filter)
-            if not points:
-                raise HookNameError("names_filter matched no hook point; see model.hook_names.")
-            return points
+            return self._match(names_filter)
         points: list[HookPoint] = []
         for n in names_filter:
             points += self._match(n, "cache name")
