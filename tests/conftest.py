@@ -81,3 +81,27 @@ def tiny_llama(tmp_path_factory):
     hf.save_pretrained(folder)
     make_word_tokenizer().save_pretrained(folder)
     return hf, folder, from_pretrained(str(folder))
+
+
+def make_tiny_lm(seed: int = 0, n_layers: int = 3):
+    """A tiny Llama-shaped native model with the real SmolLM2 tokenizer (for harvesting real text)."""
+    from transformers import AutoTokenizer
+
+    from mechscope import HookedTransformer, ModelConfig
+    from mechscope.models.loading import resolve_folder
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_folder("smollm2")))
+    cfg = ModelConfig(d_model=32, n_layers=n_layers, n_heads=4, d_head=8, n_kv_heads=2, d_mlp=64,
+                      d_vocab=len(tok), n_ctx=128, normalization="RMS", positional="rotary", gated_mlp=True,
+                      act_fn="silu", tie_word_embeddings=True, model_name=f"tiny-lm-{seed}")
+    return HookedTransformer(cfg, tokenizer=tok).init_weights(seed, std=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_folder(tmp_path_factory):
+    """(folder, model): a saved native tiny LM with the SmolLM2 tokenizer (see make_tiny_lm)."""
+    from mechscope import HookedTransformer
+
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    make_tiny_lm(0).save_pretrained(folder)
+    return folder, HookedTransformer.from_pretrained(str(folder))

@@ -2,6 +2,10 @@
 
     mechscope inspect [MODEL]     load a model; print config, hook names with shapes, parameter
                                   count and a log-prob parity check against transformers
+    mechscope harvest --model M --hooks H1,H2 --tokens N --out DIR [--corpus NAME|PATH] [--seed S]
+                                  write activations as safetensors shards (resumes if DIR exists)
+    mechscope zoo train NAME --out DIR [--seed S]
+                                  train a tiny model (induction-2l, modadd, tms) on this CPU
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ def inspect_model(name: str, parity: bool = True, out=None) -> dict:
     import torch
 
     out = out or sys.stdout
-    from mechscope.models.loading import from_pretrained, resolve_folder
+    from mechscope.models.loading import from_pretrained, native_config, resolve_folder
 
     t0 = time.perf_counter()
     folder = resolve_folder(name)
     model = from_pretrained(name)
+    if native_config(folder) is not None:
+        parity = False  # a native folder (zoo, processed model): transformers has no reference for it
     load_s = time.perf_counter() - t0
     cfg = model.cfg
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -88,18 +94,103 @@ def inspect_model(name: str, parity: bool = True, out=None) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def harvest_command(args) -> dict:
+    """`mechscope harvest`: load the model, harvest (or resume) into --out, print a summary."""
+    import torch
+
+    from mechscope.data.harvest import HarvestConfig, harvest
+    from mechscope.data.store import ActivationStore
+    from mechscope.models.loading import from_pretrained
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.model_dtype]
+    model = from_pretrained(args.model, device=args.device, dtype=dtype)
+    cfg = HarvestConfig(
+        hooks=args.hooks, n_tokens=args.tokens, context_len=args.context_len, batch_size=args.batch_size,
+        shard_tokens=args.shard_tokens, dtype=args.dtype, exclude_bos=not args.keep_bos,
+        keep_tokens=not args.no_tokens, corpus=args.corpus, split=args.split, seed=args.seed,
+    )
+    contexts = None
+    if args.field != "text":
+        from mechscope.data.packing import contexts as make_contexts
+
+        contexts = make_contexts(cfg.corpus, model._need_tokenizer(), cfg.context_len, seed=cfg.seed,
+                                 split=cfg.split, field=args.field, prepend_bos=cfg.prepend_bos)
+    t0 = time.perf_counter()
+    harvest(model, cfg, args.out, contexts=contexts, progress=not args.no_progress, overwrite=args.overwrite)
+    seconds = time.perf_counter() - t0
+    store = ActivationStore.open(args.out, model)
+    size = sum(p.stat().st_size for p in store.folder.iterdir() if p.is_file())
+    print(f"store      {store.folder}  ({store.n_tokens:,} tokens, {len(store.shards)} shards, "
+          f"{size / 2**20:.1f} MiB, {seconds:.1f}s this run)")
+    for h in store.hooks:
+        st = store.manifest["stats"][h]
+        print(f"  {h:36s} shape {list(store.hook_shapes[h])}  mean norm {st['mean_norm']:.3g}  "
+              f"norm of mean {st['norm_of_mean']:.3g}")
+    return {"tokens": store.n_tokens, "shards": len(store.shards), "seconds": seconds}
+
+
+def zoo_command(args) -> None:
+    from mechscope import zoo
+
+    if args.zoo_command == "list":
+        for name, recipe in zoo.RECIPES.items():
+            print(f"{name:14s} {recipe.description}")
+        return
+    out = zoo.train(args.name, args.out, seed=args.seed, progress=not args.no_progress)
+    print(f"saved      {out}")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechscope", description="Mechanistic interpretability toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="load a model and print config, hook names/shapes and parity vs transformers")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="a local HF folder, a built-in (smollm2, minilm) or a cached hub id")
     p.add_argument("--no-parity", action="store_true", help="skip the comparison with transformers")
-    args = parser.parse_args(argv)
+
+    h = sub.add_parser("harvest", help="write hook activations over a corpus as safetensors shards")
+    h.add_argument("--model", default=DEFAULT_MODEL, help="folder, built-in or cached hub id (default smollm2)")
+    h.add_argument("--hooks", required=True, help="comma-separated hook names, e.g. blocks.6.hook_resid_post")
+    h.add_argument("--tokens", type=int, required=True, help="activation rows (tokens) to write")
+    h.add_argument("--out", required=True, help="store folder; an unfinished harvest there is resumed")
+    h.add_argument("--corpus", default="sotu", help="built-in corpus (sotu, python-stdlib) or a path")
+    h.add_argument("--split", default="train")
+    h.add_argument("--field", default="text", help="JSON field holding the text (.jsonl corpora)")
+    h.add_argument("--seed", type=int, default=0, help="shuffles the corpus' document order")
+    h.add_argument("--context-len", type=int, default=128)
+    h.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
+    h.add_argument("--shard-tokens", type=int, default=65536, help="rows per shard")
+    h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the activations")
+    h.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model runs in (bfloat16 is ~3x faster on recent CPUs)")
+    h.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
+    h.add_argument("--keep-bos", action="store_true", help="also store the prepended BOS position")
+    h.add_argument("--no-tokens", action="store_true", help="do not store token ids and contexts")
+    h.add_argument("--overwrite", action="store_true", help="delete a different harvest in --out first")
+    h.add_argument("--no-progress", action="store_true")
+
+    z = sub.add_parser("zoo", help="tiny models trained here in minutes")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zt = zsub.add_parser("train", help="train NAME and save it as a model folder")
+    zt.add_argument("name", help="induction-2l, modadd or tms")
+    zt.add_argument("--out", required=True)
+    zt.add_argument("--seed", type=int, default=0)
+    zt.add_argument("--no-progress", action="store_true")
+    zsub.add_parser("list", help="list the recipes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         if args.command == "inspect":
             summary = inspect_model(args.model, parity=not args.no_parity)
             return 0 if summary.get("parity_ok", True) else 1
+        if args.command == "harvest":
+            harvest_command(args)
+        elif args.command == "zoo":
+            zoo_command(args)
     except MechscopeError as e:
         print(f"mechscope: error: {e}", file=sys.stderr)
         return 2

@@ -55,3 +55,37 @@ def unknown_name_message(kind: str, name: str, known: Iterable[str], n: int = 5)
         close = [k for k in known if k.endswith(tail)][:n]
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return f"Unknown {kind} {name!r}.{hint} ({len(known)} names exist; see model.hook_names.)"
+
+
+class CorpusNotFoundError(MechscopeError, FileNotFoundError):
+    """A text source (path, built-in corpus package or dataset) could not be found."""
+
+    def __str__(self) -> str:  # FileNotFoundError would otherwise format errno-style args
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(MechscopeError, ImportError):
+    """An optional package that this feature needs is not installed."""
+
+
+class UnknownFormatError(InputError):
+    """A file's format (extension) is not one we can read text from."""
+
+
+class EmptyCorpusError(InputError):
+    """A text source produced no non-empty documents."""
+
+
+class TokenizerError(InputError):
+    """The tokenizer lacks something the caller asked for (e.g. a BOS or EOS token)."""
+
+
+class StoreMismatchError(MechscopeError):
+    """An activation store does not belong to this model or to these harvest settings."""
+
+
+class StoreWriteError(MechscopeError, OSError):
+    """Writing an artifact failed (e.g. a full disk); what was already written is intact."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -200,7 +200,7 @@ class ActivationCache(Mapping):
                 if f"hook_{name}" in self._store:
                     parts.append(self[f"hook_{name}"])
                     labels.append(name)
-        kinds = [k for k in ("attn", "mlp") if mode in ("all", k)]
+        kinds = [k for k in ("attn", "mlp") if mode in ("all", k) and not (k == "mlp" and getattr(cfg, "attn_only", False))]
         for la in range(layer):
             for k in kinds:
                 parts.append(self[(f"{k}_out", la)])

@@ -410,13 +410,14 @@ class Block(nn.Module):
         if cfg.post_attn_norm:
             self.ln1_post = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
         self.hook_attn_out = HookPoint()  # [B, T, D] what attention adds to the residual
-        if not cfg.parallel_attn_mlp:
-            self.hook_resid_mid = HookPoint()  # [B, T, D]
-        self.ln2 = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
-        self.mlp = MLP(cfg)
-        if cfg.post_mlp_norm:
-            self.ln2_post = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
-        self.hook_mlp_out = HookPoint()  # [B, T, D] what the MLP adds
+        if not cfg.attn_only:
+            if not cfg.parallel_attn_mlp:
+                self.hook_resid_mid = HookPoint()  # [B, T, D]
+            self.ln2 = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
+            self.mlp = MLP(cfg)
+            if cfg.post_mlp_norm:
+                self.ln2_post = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
+            self.hook_mlp_out = HookPoint()  # [B, T, D] what the MLP adds
         self.hook_resid_post = HookPoint()  # [B, T, D]
         if cfg.post_layernorm:
             self.hook_normalized_resid_post = HookPoint()  # BERT: the block's output after ln2
@@ -433,6 +434,8 @@ class Block(nn.Module):
         if c.post_attn_norm:
             attn_out = self.ln1_post(attn_out)
         attn_out = self.hook_attn_out(attn_out)
+        if c.attn_only:
+            return self.hook_resid_post(resid_pre + attn_out)
         if c.parallel_attn_mlp:
             mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_pre)))
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)

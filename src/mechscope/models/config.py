@@ -58,6 +58,7 @@ class ModelConfig:
     act_fn: Act = "gelu"
     gated_mlp: bool = False  # Llama/Gemma: down(act(gate(x)) * up(x))
     mlp_bias: bool = False
+    attn_only: bool = False  # no MLP sublayers (the toy models of Elhage et al. / our zoo)
 
     # residual and ends
     parallel_attn_mlp: bool = False  # NeoX/GPT-J: x + attn(ln1 x) + mlp(ln2 x)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from mechscope.errors import CorruptFileError, InputError, ModelNotFoundError
 from mechscope.models.config import ModelConfig
 from mechscope.models.families import converter_for
+from mechscope.models.native import is_native, load_native
 from mechscope.models.transformer import HookedTransformer
 from mechscope.models.weights import Weights
 
@@ -61,6 +63,15 @@ def resolve_folder(name_or_dir: str | os.PathLike) -> Path:
     )
 
 
+def native_config(folder: Path) -> dict | None:
+    """config.json as a dict if it describes a native mechscope folder, else None."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise CorruptFileError(f"{folder}/config.json is not valid JSON ({e}).") from e
+    return cfg if isinstance(cfg, dict) and is_native(cfg) else None
+
+
 def _hf_config(folder: Path):
     from transformers import AutoConfig
 
@@ -77,13 +88,15 @@ def _hf_config(folder: Path):
         raise CorruptFileError(f"Could not read {folder}/config.json: {e}") from e
 
 
-def _load_tokenizer(folder: Path):
+def _load_tokenizer(folder: Path, native: bool = False):
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
     if not any((folder / n).exists() for n in names):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    # a native config.json means nothing to transformers: hand it an empty config instead
+    kwargs = {"config": PretrainedConfig()} if native else {}
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
 
 
 def build(cfg: ModelConfig, weights: Weights, converter, *, device=None, dtype=torch.float32,
@@ -128,6 +141,12 @@ def from_pretrained(name_or_dir: str | os.PathLike, *, device=None, dtype=torch.
     process: apply fold_ln / center_writing_weights / center_unembed / fold_value_biases.
     """
     folder = resolve_folder(name_or_dir)
+    native = native_config(folder)
+    if native is not None:
+        tok = _load_tokenizer(folder, native=True) if tokenizer is True else (tokenizer or None)
+        model = load_native(folder, native, device=device, dtype=dtype, tokenizer=tok)
+        model.cfg.model_name = model.cfg.model_name if model.cfg.model_name != "custom" else str(name_or_dir)
+        return model.process_weights() if process and not model.cfg.processing else model
     hf_cfg = _hf_config(folder)
     conv = converter_for(hf_cfg)
     cfg = conv.convert_config(hf_cfg)

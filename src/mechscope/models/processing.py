@@ -83,7 +83,7 @@ def _enable_bias(model, flag: str) -> None:
             "attn_out_bias": lambda b: [b.attn.o],
             "mlp_bias": lambda b: [b.mlp.up, b.mlp.down] + ([b.mlp.gate] if c.gated_mlp else []),
         }
-        linears = [lin for b in model.blocks for lin in pick[flag](b)]
+        linears = [lin for b in model.blocks if flag != "mlp_bias" or not c.attn_only for lin in pick[flag](b)]
     for lin in linears:
         if lin.bias is None:
             w = lin.weight
@@ -124,7 +124,8 @@ def fold_ln(model) -> None:
     c = model.cfg
     for blk in model.blocks:
         _fold_norm(model, blk.ln1, [blk.attn.qkv], "attn_bias")
-        _fold_norm(model, blk.ln2, [blk.mlp.up] + ([blk.mlp.gate] if c.gated_mlp else []), "mlp_bias")
+        if not c.attn_only:
+            _fold_norm(model, blk.ln2, [blk.mlp.up] + ([blk.mlp.gate] if c.gated_mlp else []), "mlp_bias")
     if c.final_norm and c.has_unembed and not c.mlm_head:
         _untie(model)
         _fold_norm(model, model.ln_final, [model.unembed], "unembed_bias")
@@ -139,7 +140,7 @@ def center_writing_weights(model) -> None:
     if model.cfg.positional == "learned":
         writes.append((model.pos_embed.weight, -1))  # [n_ctx, D]
     for blk in model.blocks:
-        for lin in (blk.attn.o, blk.mlp.down):
+        for lin in (blk.attn.o,) if model.cfg.attn_only else (blk.attn.o, blk.mlp.down):
             writes.append((lin.weight, 0))  # [D, in]
             if lin.bias is not None:
                 writes.append((lin.bias, 0))  # [D]

@@ -541,6 +541,19 @@ class HookedTransformer(nn.Module):
 
         return from_gguf(path, **kwargs)
 
+    def save_pretrained(self, folder, *, extra: dict | None = None):
+        """Write a native folder (config.json + model.safetensors + tokenizer) that from_pretrained loads."""
+        from mechscope.models.native import save_pretrained
+
+        return save_pretrained(self, folder, extra=extra)
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> HookedTransformer:
+        """Random GPT-2-style initialisation for training from scratch (deterministic under seed)."""
+        from mechscope.models.native import init_weights
+
+        init_weights(self, seed=seed, std=std)
+        return self
+
     def process_weights(self, fold_ln=True, center_writing_weights=True, center_unembed=True,
                         fold_value_biases=True, refactor_factored_attn=False) -> HookedTransformer:
         from mechscope.models import processing

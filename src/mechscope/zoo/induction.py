@@ -1,0 +1,261 @@
+"""induction-2l: a 2-layer attention-only transformer in which induction heads form (Olsson et al. 2022).
+
+Why mixed data: on English alone, a CPU-sized run sees too few long repeats for the induction
+circuit (a layer-0 previous-token head feeding a layer-1 head by K-composition) to pay off within
+minutes. Half of every batch is random token sequences repeated, where only induction lowers the
+loss, so the heads form in a few hundred steps; the other half is State of the Union prose, so
+the model also learns English (its validation loss is compared with the unigram baseline).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mechscope.models.config import ModelConfig
+from mechscope.models.transformer import HookedTransformer
+from mechscope.zoo.training import (
+    Checkpoint,
+    config_dict,
+    set_lr,
+    step_generator,
+    train_loop,
+    warmup_lr,
+)
+
+SPECIAL = "<|endoftext|>"  # BOS, EOS and padding, as in GPT-2
+
+
+# ------------------------------------------------------------------------------ tokenizer
+
+
+def train_tokenizer(docs: list[str], vocab_size: int = 2048, chars_per_doc: int = 20_000):
+    """A byte-level BPE trained on the first chars_per_doc characters of each document.
+
+    Deterministic (same docs, same tokenizer.json). Encoding prepends BOS, like Llama, so
+    `model.to_tokens(text)` gives what the model was trained on.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[SPECIAL],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([d[:chars_per_doc] for d in docs], trainer=trainer)
+    bos = tk.token_to_id(SPECIAL)
+    tk.post_processor = processors.TemplateProcessing(single=f"{SPECIAL} $A", pair=f"{SPECIAL} $A $B",
+                                                      special_tokens=[(SPECIAL, bos)])
+    return wrap_tokenizer(tk)
+
+
+def wrap_tokenizer(tk):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=SPECIAL, eos_token=SPECIAL, pad_token=SPECIAL)
+
+
+def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
+    """All documents as one 1-D LongTensor, each starting with BOS (which separates them)."""
+    ids = tokenizer(docs, add_special_tokens=True)["input_ids"]
+    return torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def text_batch(stream: torch.Tensor, batch: int, n_ctx: int, bos: int, g: torch.Generator) -> torch.Tensor:
+    """Random windows of the token stream, each after a BOS: [batch, n_ctx]."""
+    starts = torch.randint(0, len(stream) - n_ctx, (batch,), generator=g)
+    windows = stream[starts[:, None] + torch.arange(n_ctx - 1)]  # [batch, n_ctx - 1]
+    return torch.cat([torch.full((batch, 1), bos), windows], dim=1)
+
+
+def repeat_batch(batch: int, n_ctx: int, d_vocab: int, bos: int, min_len: int, g: torch.Generator) -> torch.Tensor:
+    """BOS + a random sequence of random length repeated until n_ctx: [batch, n_ctx]."""
+    max_len = (n_ctx - 1) // 2
+    lengths = torch.randint(min_len, max_len + 1, (batch, 1), generator=g)  # [batch, 1]
+    seqs = torch.randint(1, d_vocab, (batch, max_len), generator=g)  # [batch, max_len], no BOS inside
+    idx = torch.arange(n_ctx - 1)[None, :] % lengths  # [batch, n_ctx - 1]
+    return torch.cat([torch.full((batch, 1), bos), seqs.gather(1, idx)], dim=1)
+
+
+def repeated_tokens(n_seqs: int, seq_len: int, d_vocab: int, bos: int, seed: int) -> torch.Tensor:
+    """The induction test set: BOS + r + r with r uniform random tokens: [n_seqs, 1 + 2 seq_len]."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randint(1, d_vocab, (n_seqs, seq_len), generator=g)
+    return torch.cat([torch.full((n_seqs, 1), bos), r, r], dim=1)
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def _patterns(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Attention patterns of every layer: [L, B, H, T, T]."""
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
+    return torch.stack([cache[n].float() for n in names])
+
+
+def _bos_id(model: HookedTransformer) -> int:
+    tok = model.tokenizer
+    return tok.bos_token_id if tok is not None and tok.bos_token_id is not None else 0
+
+
+def induction_score(model: HookedTransformer, seq_len: int = 50, n_seqs: int = 32, seed: int = 0) -> torch.Tensor:
+    """Mean attention from each token of the second copy of BOS + r + r to the token after its first
+    occurrence (Olsson et al. 2022). [n_layers, n_heads], 1.0 = a perfect induction head.
+
+    Random tokens exclude id 0 when BOS is 0 (its own tokenizer's convention); otherwise BOS may also
+    appear inside r, which only matters for a handful of positions.
+    """
+    bos = _bos_id(model)
+    tokens = repeated_tokens(n_seqs, seq_len, model.cfg.d_vocab, bos, seed).to(model.device)
+    pat = _patterns(model, tokens)  # [L, B, H, T, T]
+    q = torch.arange(1 + seq_len, 1 + 2 * seq_len)  # second copy
+    k = q - seq_len + 1  # the token after the first occurrence
+    return pat[..., q, k].mean(dim=(1, 3))  # [L, H]
+
+
+def prev_token_score(model: HookedTransformer, seq_len: int = 50, n_seqs: int = 32, seed: int = 0) -> torch.Tensor:
+    """Mean attention from each position t >= 1 to t - 1 on the same repeated sequences. [n_layers, n_heads]."""
+    bos = _bos_id(model)
+    tokens = repeated_tokens(n_seqs, seq_len, model.cfg.d_vocab, bos, seed).to(model.device)
+    pat = _patterns(model, tokens)
+    q = torch.arange(1, tokens.shape[1])
+    return pat[..., q, q - 1].mean(dim=(1, 3))
+
+
+@torch.no_grad()
+def text_loss(model: HookedTransformer, stream: torch.Tensor, max_tokens: int = 200_000) -> float:
+    """Mean next-token loss (nats) over non-overlapping BOS-prefixed windows of a token stream."""
+    n = model.cfg.n_ctx - 1
+    usable = min(len(stream), max_tokens) // n * n
+    windows = stream[:usable].view(-1, n)
+    windows = torch.cat([torch.full((len(windows), 1), _bos_id(model)), windows], dim=1)  # [N, n_ctx]
+    total, count = 0.0, 0
+    for chunk in windows.split(64):
+        logits = model(chunk.to(model.device)).float()
+        nll = F.cross_entropy(logits[:, 1:-1].reshape(-1, logits.shape[-1]), chunk[:, 2:].reshape(-1).to(model.device),
+                              reduction="sum")  # skip the BOS -> first-token prediction
+        total, count = total + nll.item(), count + chunk[:, 2:].numel()
+    return total / count
+
+
+def unigram_loss(train: torch.Tensor, val: torch.Tensor, d_vocab: int) -> float:
+    """Cross-entropy (nats) of the add-one-smoothed unigram distribution of `train` on `val`:
+    the loss of a model that ignores context."""
+    counts = torch.bincount(train, minlength=d_vocab).double() + 1
+    logp = (counts / counts.sum()).log()
+    return float(-logp[val].mean())
+
+
+# ------------------------------------------------------------------------------ recipe
+
+
+@dataclass
+class InductionConfig:
+    """induction-2l: 2 attention-only layers, learned positions, LayerNorm, its own 2k BPE."""
+
+    d_model: int = 128
+    n_heads: int = 8
+    d_head: int = 16
+    n_ctx: int = 128
+    vocab_size: int = 2048
+    tokenizer_chars_per_doc: int = 20_000
+    batch_size: int = 16
+    repeat_fraction: float = 0.5  # share of each batch that is repeated random tokens
+    min_repeat_len: int = 8
+    steps: int = 1_500
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    checkpoint_every: int = 250
+
+
+def _sotu(split: str) -> list[str]:
+    from mechscope.data.corpus import builtin_corpus
+
+    return list(builtin_corpus("sotu", split=split))
+
+
+def _load_or_train_tokenizer(config: InductionConfig, docs: list[str], ckpt: Checkpoint):
+    """The tokenizer is part of the run's state: kept in the checkpoint folder so a resume reuses it."""
+    from tokenizers import Tokenizer
+
+    path = ckpt.dir / "tokenizer.json"
+    if path.exists():
+        return wrap_tokenizer(Tokenizer.from_file(str(path)))
+    tokenizer = train_tokenizer(docs, config.vocab_size, config.tokenizer_chars_per_doc)
+    from mechscope.models.native import atomic_write_bytes
+
+    ckpt.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, tokenizer.backend_tokenizer.to_str().encode())
+    return tokenizer
+
+
+def build_model(config: InductionConfig, d_vocab: int, tokenizer: Any = None, seed: int = 0) -> HookedTransformer:
+    cfg = ModelConfig(d_model=config.d_model, n_layers=2, n_heads=config.n_heads, d_head=config.d_head, d_mlp=0,
+                      d_vocab=d_vocab, n_ctx=config.n_ctx, normalization="LN", positional="learned",
+                      attn_only=True, model_name="induction-2l", architecture="mechscope-zoo")
+    return HookedTransformer(cfg, tokenizer=tokenizer).init_weights(seed)
+
+
+def train_induction(config: InductionConfig, out: Path, *, seed: int = 0, progress: bool = True,
+                    stop_after: int | None = None) -> Path:
+    ckpt = Checkpoint(out, "induction-2l", seed, config)
+    train_docs = _sotu("train")
+    tokenizer = _load_or_train_tokenizer(config, train_docs, ckpt)
+    d_vocab, bos = len(tokenizer), tokenizer.bos_token_id
+    stream = token_stream(tokenizer, train_docs)  # [N]
+    model = build_model(config, d_vocab, tokenizer, seed).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    n_rep = round(config.batch_size * config.repeat_fraction)
+
+    def step_fn(step: int) -> float:
+        g = step_generator(seed, step)
+        tokens = torch.cat([
+            text_batch(stream, config.batch_size - n_rep, config.n_ctx, bos, g),
+            repeat_batch(n_rep, config.n_ctx, d_vocab, bos, config.min_repeat_len, g),
+        ])  # [batch, n_ctx]
+        set_lr(opt, warmup_lr(step, config.lr, config.warmup))
+        loss = model(tokens, return_type="loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    state, finished = train_loop(model, opt, checkpoint=ckpt, steps=config.steps, step_fn=step_fn,
+                                 every=config.checkpoint_every, progress=progress, stop_after=stop_after,
+                                 desc="induction-2l")
+    if not finished:
+        return out
+    model.eval()
+    val = token_stream(tokenizer, _sotu("validation"))
+    scores, prev = induction_score(model), prev_token_score(model)
+    metrics = {
+        "val_loss": text_loss(model, val), "unigram_val_loss": unigram_loss(stream, val, d_vocab),
+        "induction_score": scores.tolist(), "prev_token_score": prev.tolist(),
+        "best_induction_head": _argmax(scores), "best_prev_token_head": _argmax(prev),
+    }
+    extra = {"recipe": "induction-2l", "seed": seed, "steps": state.step, "config": config_dict(config),
+             "metrics": json.loads(json.dumps(metrics))}
+    model.save_pretrained(out, extra=extra)
+    ckpt.remove()
+    return out
+
+
+def _argmax(scores: torch.Tensor) -> dict[str, float]:
+    flat = int(scores.argmax())
+    layer, head = divmod(flat, scores.shape[1])
+    return {"layer": layer, "head": head, "score": float(scores[layer, head])}
+
