@@ -1,13 +1,22 @@
 """mechscope: open up transformer language models and explain how they produce what they produce."""
 
+from mechscope.data.harvest import HarvestConfig
+from mechscope.data.store import ActivationStore
 from mechscope.errors import (
     ContextLengthError,
+    CorpusNotFoundError,
     CorruptFileError,
+    EmptyCorpusError,
     HookNameError,
     InputError,
     MechscopeError,
+    MissingDependencyError,
     ModelNotFoundError,
     NonFiniteError,
+    StoreMismatchError,
+    StoreWriteError,
+    TokenizerError,
+    UnknownFormatError,
     UnsupportedArchitectureError,
     UnsupportedQuantizationError,
 )
@@ -19,16 +28,25 @@ from mechscope.models.transformer import HookedTransformer
 __version__ = "0.1.0"
 __all__ = [
     "ActivationCache",
+    "ActivationStore",
     "ContextLengthError",
+    "CorpusNotFoundError",
     "CorruptFileError",
+    "EmptyCorpusError",
+    "HarvestConfig",
     "HookNameError",
     "HookPoint",
     "HookedTransformer",
     "InputError",
     "MechscopeError",
+    "MissingDependencyError",
     "ModelConfig",
     "ModelNotFoundError",
     "NonFiniteError",
+    "StoreMismatchError",
+    "StoreWriteError",
+    "TokenizerError",
+    "UnknownFormatError",
     "UnsupportedArchitectureError",
     "UnsupportedQuantizationError",
 ]

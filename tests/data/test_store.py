@@ -94,3 +94,14 @@ def test_stream_from_model_matches_the_store_and_is_seeded(model, store):
     assert (order[1:] == order[:-1]).double().mean() < 0.1  # mixed, not in corpus order
     single = next(stream_batches(model, HarvestConfig(**(CFG | {"hooks": HOOKS[:1]})), 16, buffer_tokens=200))
     assert isinstance(single, torch.Tensor) and single.shape == (16, 32)
+
+
+def test_activation_stats_without_disk_match_the_store(model, store):
+    from mechscope.data.stream import activation_stats
+
+    stats = activation_stats(model, HarvestConfig(**CFG))
+    for h in HOOKS:
+        want = store.stats(h)
+        assert stats[h].count == 3000
+        torch.testing.assert_close(stats[h].mean.float(), want["mean"], rtol=1e-5, atol=1e-6)
+        assert stats[h].summary()["mean_norm"] == pytest.approx(want["mean_norm"], rel=1e-9)

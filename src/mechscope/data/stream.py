@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from mechscope.data.harvest import HarvestConfig, _check_hooks, _forward, _token_rows
+from mechscope.data.stats import RunningStats
 
 Batch = dict[str, torch.Tensor]
 
@@ -72,3 +73,17 @@ def stream_batches(model, cfg: HarvestConfig, batch_size: int, *, contexts=None,
         buf = {k: v[serve:] for k, v in buf.items()}
         if done:
             return
+
+
+def activation_stats(model, cfg: HarvestConfig, *, contexts=None) -> dict[str, RunningStats]:
+    """Mean / variance / norm statistics of cfg.hooks over cfg.n_tokens tokens, no disk (one pass).
+
+    The same numbers a harvest caches in its manifest; for mean ablation, probes and SAE input
+    scaling when no store exists.
+    """
+    stats: dict[str, RunningStats] = {}
+    for batch in stream_batches(model, cfg, 4096, contexts=contexts, buffer_tokens=4096):
+        batch = batch if isinstance(batch, dict) else {cfg.hooks[0]: batch}
+        for h in cfg.hooks:
+            stats.setdefault(h, RunningStats(tuple(batch[h].shape[1:]))).update(batch[h])
+    return stats
