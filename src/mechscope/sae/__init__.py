@@ -1,0 +1,35 @@
+"""Sparse autoencoders and transcoders: architectures, training, evaluation, every file format.
+
+    coder = mechscope.sae.train(store, hook="blocks.6.hook_resid_post", arch="topk", n_latents=4096, k=32)
+    coder = mechscope.sae.load("path/to/any/sae")        # native, SAELens, sparsify, Gemma Scope, ...
+    f = coder.encode(x); x_hat = coder.decode(f)           # raw activations in, raw activations out
+"""
+
+from mechscope.sae.coder import CoderOutput, LossOutput, SparseCoder
+from mechscope.sae.config import ARCHS, SAEConfig
+from mechscope.sae.io import FORMATS, detect_format, load, load_all, save
+from mechscope.sae.metrics import EvalResult, SpliceResult, evaluate, splice_metrics
+from mechscope.sae.synthetic import recovery, synthetic_data
+from mechscope.sae.train import TrainConfig, train, train_many
+
+__all__ = [
+    "ARCHS",
+    "FORMATS",
+    "CoderOutput",
+    "EvalResult",
+    "LossOutput",
+    "SAEConfig",
+    "SparseCoder",
+    "SpliceResult",
+    "TrainConfig",
+    "detect_format",
+    "evaluate",
+    "load",
+    "load_all",
+    "recovery",
+    "save",
+    "splice_metrics",
+    "synthetic_data",
+    "train",
+    "train_many",
+]

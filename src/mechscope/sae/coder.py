@@ -235,6 +235,8 @@ class SparseCoder(nn.Module):
             gate = F.relu(pre)
             parts["l1_loss"] = sparsity_scale * c.l1_coeff * (gate * self.W_dec.norm(dim=1)).sum(-1).mean()
             aux = gate @ self.W_dec.detach() + self.b_dec.detach()
+            if c.skip:  # the skip path is part of the frozen decoder too
+                aux = aux + self._scaled_in(x) @ self.W_skip.detach().T
             parts["gate_aux_loss"] = fvu(aux)
         out_s = f @ self.W_dec + self.b_dec
         if c.skip:
