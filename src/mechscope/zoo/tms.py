@@ -148,7 +148,7 @@ def train_tms(config: TMSConfig, out: Path, *, seed: int = 0, progress: bool = T
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     set_lr(opt, config.lr)
 
-    def step_fn(step: int) -> float:
+    def step_fn(step: int, log: dict) -> float:
         x = model.sample(config.batch_size, step_generator(seed, step))
         loss = model.loss(x)
         opt.zero_grad(set_to_none=True)

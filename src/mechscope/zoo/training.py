@@ -168,7 +168,7 @@ def train_loop(
     *,
     checkpoint: Checkpoint,
     steps: int,
-    step_fn: Callable[[int], float],
+    step_fn: Callable[[int, dict[str, Any]], float],
     every: int,
     after_step: Callable[[int, dict[str, Any]], bool] | None = None,
     progress: bool = True,
@@ -177,8 +177,8 @@ def train_loop(
 ) -> tuple[Progress, bool]:
     """Run step_fn(step) for the remaining steps, resuming from the checkpoint if there is one.
 
-    step_fn does one optimizer step and returns the loss. after_step(steps_done, log) may record
-    metrics in the JSON log and return True to stop early. stop_after=K simulates an interrupt:
+    step_fn(step, log) does one optimizer step and returns the loss. after_step(steps_done, log) may
+    record metrics in the JSON log (saved in checkpoints) and return True to stop early. stop_after=K simulates an interrupt:
     checkpoint after K steps and return. Returns (progress, finished).
     """
     from tqdm.auto import tqdm
@@ -187,7 +187,7 @@ def train_loop(
     bar = tqdm(total=steps, initial=state.step, disable=not progress, desc=desc, dynamic_ncols=True)
     try:
         while state.step < steps:
-            loss = step_fn(state.step)
+            loss = step_fn(state.step, state.log)
             state.step += 1
             bar.update(1)
             if state.step % 10 == 0:

@@ -1,0 +1,99 @@
+"""The zoo: tiny models trained here on CPU in minutes, saved as folders that load back.
+
+    from mechscope import zoo
+    folder = zoo.train("modadd", "runs/modadd", seed=0)    # resumes if interrupted
+    model = zoo.load(folder)                                 # HookedTransformer or ToyModel
+    zoo.modadd_accuracy(model, p=59, split="test")
+
+Recipes (zoo.RECIPES): induction-2l (induction heads), modadd (grokking), tms (superposition).
+Every recipe is deterministic under `seed`, shows a tqdm bar, and checkpoints into
+`out/.checkpoint/` so that rerunning with the same `out` resumes to the same final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mechscope.errors import CorruptFileError, InputError, ModelNotFoundError
+from mechscope.zoo.induction import InductionConfig, induction_score, prev_token_score, train_induction
+from mechscope.zoo.modadd import ModAddConfig, fourier_embedding_norms, modadd_accuracy, train_modadd
+from mechscope.zoo.tms import TMSConfig, ToyModel, features_represented, superposition_fraction, train_tms
+from mechscope.zoo.training import CHECKPOINT_DIR, apply_overrides
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    config: type  # the config dataclass; its fields are the overrides train() accepts
+    run: Callable[..., Path]
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("induction-2l", "2-layer attention-only transformer with induction heads, trained on State of the "
+           "Union prose mixed with repeated random tokens; its own 1k byte-level BPE.", InductionConfig,
+           train_induction),
+    Recipe("modadd", "1-layer transformer that groks (a + b) mod p: memorises first, generalises much later "
+           "(weight decay 1.0); a few Fourier frequencies carry the algorithm.", ModAddConfig, train_modadd),
+    Recipe("tms", "Toy models of superposition: 20 features in 5 dimensions at six feature sparsities; "
+           "sparse features end up in superposition.", TMSConfig, train_tms),
+)}
+
+
+def train(name: str, out: str | os.PathLike, *, seed: int = 0, progress: bool = True,
+          stop_after: int | None = None, **overrides: Any) -> Path:
+    """Train recipe `name` into folder `out` and return it; resume if `out/.checkpoint/` exists.
+
+    overrides: fields of the recipe's config dataclass (e.g. steps=200, lr=1e-3), type-checked.
+    stop_after=K stops after K steps leaving only the checkpoint, as an interrupt would.
+    """
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        raise InputError(f"Unknown zoo recipe {name!r}; recipes: {', '.join(RECIPES)}.")
+    config = apply_overrides(recipe.config(), overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return recipe.run(config, out, seed=seed, progress=progress, stop_after=stop_after)
+
+
+def load(folder: str | os.PathLike, **kwargs: Any):
+    """Load any zoo folder: a HookedTransformer (induction-2l, modadd) or a ToyModel (tms).
+
+    The training record (recipe, seed, config, metrics) is attached as `model.zoo_extra`.
+    kwargs go to HookedTransformer.from_pretrained (device, dtype, ...).
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        if (folder / CHECKPOINT_DIR).exists():
+            raise ModelNotFoundError(f"{folder} holds an unfinished run; rerun zoo.train with out={str(folder)!r} "
+                                     "to resume and finish it.")
+        raise ModelNotFoundError(f"{folder} is not a zoo model folder (no config.json).")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise CorruptFileError(f"{config_path} is not valid JSON ({e}).") from e
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type == "mechscope-tms":
+        model = ToyModel.from_pretrained(folder)
+    elif model_type == "mechscope":
+        from mechscope.models.transformer import HookedTransformer
+
+        model = HookedTransformer.from_pretrained(str(folder), **kwargs)
+    else:
+        raise InputError(f"{folder} is not a zoo folder (model_type {model_type!r}); for other models use "
+                         "HookedTransformer.from_pretrained.")
+    model.zoo_extra = config.get("mechscope_extra", {})
+    return model
+
+
+__all__ = [
+    "RECIPES", "InductionConfig", "ModAddConfig", "Recipe", "TMSConfig", "ToyModel", "features_represented",
+    "fourier_embedding_norms", "induction_score", "load", "modadd_accuracy", "prev_token_score",
+    "superposition_fraction", "train",
+]
