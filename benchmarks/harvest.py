@@ -104,7 +104,7 @@ def main() -> None:
         cands[f"ours {label}"] = run_ours(hooks, True)
         cands[f"ours {label}, no disk"] = run_ours(hooks, False)
     times: dict[str, list[float]] = {k: [] for k in cands}
-    for k, f in cands.items():  # warm-up
+    for f in cands.values():  # warm-up
         f()
     for _ in range(args.rounds):
         for k, f in cands.items():
