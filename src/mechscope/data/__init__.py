@@ -1,7 +1,7 @@
 """Data flowing into models: text sources, built-in corpora, tokenization and packing."""
 
 from mechscope.data.corpus import BUILTIN_CORPORA, builtin_corpus
-from mechscope.data.harvest import HarvestConfig, harvest
+from mechscope.data.harvest import HarvestConfig  # the function: mechscope.data.harvest.harvest
 from mechscope.data.packing import PackedContexts, contexts, pack
 from mechscope.data.sources import TextSource, text_source
 from mechscope.data.stats import RunningStats
@@ -12,7 +12,6 @@ __all__ = [
     "ActivationStore",
     "HarvestConfig",
     "RunningStats",
-    "harvest",
     "activation_stats",
     "stream_batches",
     "BUILTIN_CORPORA",
