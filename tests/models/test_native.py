@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_lm
 
 from mechscope import HookedTransformer, ModelConfig
 from mechscope.errors import CorruptFileError
+
+from conftest import make_tiny_lm
 
 
 def attn_only_model(seed: int = 0) -> HookedTransformer:

@@ -60,9 +60,9 @@ def test_tokenizer_training_is_deterministic():
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, one_thread):
     # switch_score 0: the curriculum switches to prose at step 10, so the interrupt at step 17 falls
-    # after the switch, and the resumed run must take the switch (and its tokenizer) from the checkpoint
-    settings = dict(steps=40, check_every=10, switch_score=0.0, text_steps=15, checkpoint_every=10,
-                    vocab_size=512, tokenizer_chars_per_doc=2_000, progress=False)
+    # after the switch, and the resumed run must take the switch (and its tokenizer) from the checkpoint.
+    # Same tokenizer settings as the fixture: the encoded corpus is memoised in-process.
+    settings = dict(steps=40, check_every=10, switch_score=0.0, text_steps=15, checkpoint_every=10, progress=False)
     straight = zoo.train("induction-2l", tmp_path / "straight", **settings)
     out = tmp_path / "resumed"
     zoo.train("induction-2l", out, stop_after=17, **settings)

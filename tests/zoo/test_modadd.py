@@ -15,14 +15,16 @@ from mechscope.zoo.modadd import (
     top_frequency_share,
 )
 
+SEED = 2
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
-    """The default recipe, trained once until it groks (~2,300 full-batch steps, 45-75 s)."""
-    return zoo.train("modadd", tmp_path_factory.mktemp("modadd"), seed=0, progress=False)
+    """The default recipe, trained once until it groks and cleans up. Seed 2 passes 99.5% test accuracy
+    after 850 full-batch steps (+500 cleanup, ~30-50 s); seeds 0 and 1 take 4300 and 3500 (too long here)."""
+    return zoo.train("modadd", tmp_path_factory.mktemp("modadd"), seed=SEED, progress=False)
 
 
-@pytest.mark.slow
 def test_it_groks(trained):
     extra = zoo.load(trained).zoo_extra
     m, p = extra["metrics"], extra["p"]
@@ -35,11 +37,10 @@ def test_it_groks(trained):
     assert extra["split"]["n_train"] == round(ModAddConfig().train_frac * p * p)
 
 
-@pytest.mark.slow
 def test_loads_as_hooked_transformer(trained):
     model = HookedTransformer.from_pretrained(str(trained))
     p = zoo.load(trained).zoo_extra["p"]
-    _, test_idx = split_indices(p, ModAddConfig().train_frac, seed=0)
+    _, test_idx = split_indices(p, ModAddConfig().train_frac, seed=SEED)
     assert zoo.modadd_accuracy(model, p, test_idx) > 0.99
     assert zoo.modadd_accuracy(zoo.load(trained), p, "test") > 0.99  # split read from the folder
     tokens, _ = all_pairs(p)
@@ -49,7 +50,6 @@ def test_loads_as_hooked_transformer(trained):
     torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_a_few_fourier_frequencies_carry_it(trained):
     model = zoo.load(trained)
     p = model.zoo_extra["p"]
@@ -58,10 +58,10 @@ def test_a_few_fourier_frequencies_carry_it(trained):
     # Parseval: the basis is orthonormal, so the frequency norms account for all of W_E[:p]
     torch.testing.assert_close(norms.double().pow(2).sum(), model.W_E[:p].double().pow(2).sum(), rtol=1e-5, atol=0)
     trained_share = top_frequency_share(norms, 6)
-    random_share = top_frequency_share(zoo.fourier_embedding_norms(build_model(ModAddConfig(), seed=0), p), 6)
-    # measured: trained ~0.9; a random embedding spreads norm² evenly (6 of 29 frequencies: ~0.3)
-    assert trained_share > 0.75
-    assert random_share < 0.4
+    random_share = top_frequency_share(zoo.fourier_embedding_norms(build_model(ModAddConfig(), seed=SEED), p), 6)
+    # measured: trained 0.94; a random embedding spreads norm² evenly (6 of 29 frequencies: 0.24)
+    assert trained_share > 0.8
+    assert random_share < 0.35
 
 
 def test_same_seed_same_bytes(tmp_path, one_thread):

@@ -69,6 +69,9 @@ def native_config(folder: Path) -> dict | None:
         cfg = json.loads((folder / "config.json").read_text())
     except ValueError as e:
         raise CorruptFileError(f"{folder}/config.json is not valid JSON ({e}).") from e
+    if isinstance(cfg, dict) and cfg.get("model_type") == "mechscope-tms":
+        raise InputError(f"{folder} holds a toy model of superposition, not a transformer: load it with "
+                         "mechscope.zoo.load(folder).")
     return cfg if isinstance(cfg, dict) and is_native(cfg) else None
 
 

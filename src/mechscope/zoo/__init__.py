@@ -6,8 +6,9 @@
     zoo.modadd_accuracy(model, p=59, split="test")
 
 Recipes (zoo.RECIPES): induction-2l (induction heads), modadd (grokking), tms (superposition).
-Every recipe is deterministic under `seed`, shows a tqdm bar, and checkpoints into
-`out/.checkpoint/` so that rerunning with the same `out` resumes to the same final weights.
+Every recipe is deterministic under `seed` (same seed, machine and torch thread count: the same
+weights, bit for bit), shows a tqdm bar, and checkpoints into `out/.checkpoint/` so that rerunning
+with the same `out` resumes to the same final weights.
 """
 
 from __future__ import annotations

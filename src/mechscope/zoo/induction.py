@@ -10,6 +10,7 @@ learns English (its validation loss is compared with the unigram baseline) and k
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,7 @@ class InductionConfig:
     switch_score: float = 0.3
     check_every: int = 50
     repeat_fraction: float = 0.5
-    text_steps: int = 500
+    text_steps: int = 400
     steps: int = 3_000  # upper bound; the run ends text_steps after the switch
     checkpoint_every: int = 250
 
@@ -198,14 +199,28 @@ def _sotu(split: str) -> list[str]:
     return list(builtin_corpus("sotu", split=split))
 
 
-def _load_or_train_tokenizer(config: InductionConfig, docs: list[str], ckpt: Checkpoint):
+_STREAMS: dict[tuple[str, str], torch.Tensor] = {}  # (tokenizer sha256, split) -> token stream
+
+
+def sotu_tokens(tokenizer, split: str) -> torch.Tensor:
+    """The sotu split as one token stream [N], memoised per tokenizer within the process: encoding
+    the 12 MB train split takes ~10 s, and a resumed or repeated run re-encodes the same text."""
+    key = (hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(), split)
+    if key not in _STREAMS:
+        if len(_STREAMS) >= 4:
+            _STREAMS.pop(next(iter(_STREAMS)))
+        _STREAMS[key] = token_stream(tokenizer, _sotu(split))
+    return _STREAMS[key]
+
+
+def _load_or_train_tokenizer(config: InductionConfig, ckpt: Checkpoint):
     """The tokenizer is part of the run's state: kept in the checkpoint folder so a resume reuses it."""
     from tokenizers import Tokenizer
 
     path = ckpt.dir / "tokenizer.json"
     if path.exists():
         return wrap_tokenizer(Tokenizer.from_file(str(path)))
-    tokenizer = train_tokenizer(docs, config.vocab_size, config.tokenizer_chars_per_doc)
+    tokenizer = train_tokenizer(_sotu("train"), config.vocab_size, config.tokenizer_chars_per_doc)
     ckpt.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, tokenizer.backend_tokenizer.to_str().encode())
     return tokenizer
@@ -241,10 +256,9 @@ def make_batch(config: InductionConfig, stream: torch.Tensor, d_vocab: int, bos:
 def train_induction(config: InductionConfig, out: Path, *, seed: int = 0, progress: bool = True,
                     stop_after: int | None = None) -> Path:
     ckpt = Checkpoint(out, "induction-2l", seed, config)
-    train_docs = _sotu("train")
-    tokenizer = _load_or_train_tokenizer(config, train_docs, ckpt)
+    tokenizer = _load_or_train_tokenizer(config, ckpt)
     d_vocab, bos = len(tokenizer), tokenizer.bos_token_id
-    stream = token_stream(tokenizer, train_docs)  # [N]
+    stream = sotu_tokens(tokenizer, "train")  # [N]
     model = build_model(config, d_vocab, tokenizer, seed).train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -279,7 +293,7 @@ def train_induction(config: InductionConfig, out: Path, *, seed: int = 0, progre
     if not finished:
         return out
     model.eval()
-    val = token_stream(tokenizer, _sotu("validation"))
+    val = sotu_tokens(tokenizer, "validation")
     scores, prev = induction_score(model), prev_token_score(model)
     metrics = {
         "val_loss": text_loss(model, val), "unigram_val_loss": unigram_loss(stream, val, d_vocab),

@@ -6,9 +6,10 @@ compact Fourier algorithm, generalises (test accuracy jumps). The trained embedd
 on a few key frequencies, which `fourier_embedding_norms` exposes.
 
 CPU budget: Nanda's setting (p=113, d_model 128, 30% split, ~10k full-batch steps at ~1 s/step
-here) takes hours, so the default is p=59, d_model 64, a 40% split and lr 2e-3 (about 2k steps,
-under a minute); the phenomenon (memorise first, generalise much later, a few key frequencies)
-is the same. Pass p=113, train_frac=0.3, lr=1e-3, d_model=128, d_mlp=512 for the original.
+here) takes hours, so the default is p=59, d_model 64, a 40% split and lr 2e-3: test accuracy
+passes 99.5% after 850 (seed 2), 3500 (seed 1) or 4300 (seed 0) steps of ~20 ms, then
+cleanup_steps more. The phenomenon (memorise first, generalise much later, a few key
+frequencies) is the same. For the original: p=113, train_frac=0.3, lr=1e-3, d_model=128, d_mlp=512.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ class ModAddConfig:
     lr: float = 2e-3
     weight_decay: float = 1.0
     beta2: float = 0.98
-    grad_clip: float | None = None
     warmup: int = 10
-    steps: int = 6_000  # upper bound: training stops once test accuracy passes stop_test_acc
+    steps: int = 6_000  # upper bound; see stop_test_acc
     eval_every: int = 50
-    stop_test_acc: float = 0.995
+    stop_test_acc: float = 0.995  # stop at the first eval cleanup_steps after test acc first passed this
+    cleanup_steps: int = 500  # weight decay keeps sparsifying the Fourier embedding after the jump
     checkpoint_every: int = 500
 
 
@@ -165,8 +166,8 @@ def train_modadd(config: ModAddConfig, out: Path, *, seed: int = 0, progress: bo
     tokens, labels = all_pairs(p)
     train_idx, test_idx = split_indices(p, config.train_frac, seed)
     model = build_model(config, seed).train()
-    # decay the matrices only: Nanda's model has no LayerNorm, and decaying our LN gains towards 0
-    # makes the run spike (train accuracy collapsing and recovering) and grok late or not at all
+    # decay the matrices only: Nanda's model has no LayerNorm, and decaying our LN gains and biases
+    # too left seed 1 stuck at 97% test accuracy for 6000 steps (matrices only: seeds 0, 1, 2 grok)
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": config.weight_decay},
@@ -179,8 +180,6 @@ def train_modadd(config: ModAddConfig, out: Path, *, seed: int = 0, progress: bo
         loss = F.cross_entropy(logits.double(), y_train)  # float64 loss, as Nanda: no "slingshot" spikes
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
         return loss.item()
 
@@ -198,8 +197,12 @@ def train_modadd(config: ModAddConfig, out: Path, *, seed: int = 0, progress: bo
             log["train_100_step"] = step
         if test_acc >= 0.99 and log.get("test_99_step") is None:
             log["test_99_step"] = step
+        if test_acc > config.stop_test_acc and log.get("generalised_step") is None:
+            log["generalised_step"] = step
         log["train_acc"], log["test_acc"] = train_acc, test_acc
-        return test_acc > config.stop_test_acc
+        # Adam runs spike now and then (train accuracy collapses and recovers), so end only on a good eval
+        done = log.get("generalised_step") is not None and step >= log["generalised_step"] + config.cleanup_steps
+        return done and min(train_acc, test_acc) > config.stop_test_acc
 
     ckpt = Checkpoint(out, "modadd", seed, config)
     state, finished = train_loop(model, opt, checkpoint=ckpt, steps=config.steps, step_fn=step_fn,
@@ -215,7 +218,7 @@ def train_modadd(config: ModAddConfig, out: Path, *, seed: int = 0, progress: bo
     metrics = {
         "train_acc": modadd_accuracy(model, p, train_idx), "test_acc": modadd_accuracy(model, p, test_idx),
         "train_99_step": log.get("train_99_step"), "train_100_step": log.get("train_100_step"),
-        "test_99_step": log.get("test_99_step"),
+        "test_99_step": log.get("test_99_step"), "generalised_step": log.get("generalised_step"),
         "stopped_early_at": log.get("stopped_early_at"), "top_frequencies": top.tolist(),
         "top5_share": top_frequency_share(norms, 5), "top8_share": top_frequency_share(norms, 8),
         "history": log.get("history", []),

@@ -18,7 +18,7 @@ from torch import nn
 
 from mechscope.errors import CorruptFileError
 from mechscope.models.native import atomic_write_bytes
-from mechscope.zoo.training import Checkpoint, config_dict, set_lr, step_generator, train_loop
+from mechscope.zoo.training import Checkpoint, config_dict, step_generator, train_loop
 
 MODEL_TYPE = "mechscope-tms"
 FORMAT_VERSION = 1
@@ -146,7 +146,6 @@ def train_tms(config: TMSConfig, out: Path, *, seed: int = 0, progress: bool = T
     model = ToyModel(len(config.feature_probs), config.n_features, config.n_hidden,
                      list(config.feature_probs), config.importance_decay).init_weights(seed)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    set_lr(opt, config.lr)
 
     def step_fn(step: int, log: dict) -> float:
         x = model.sample(config.batch_size, step_generator(seed, step))
@@ -166,7 +165,8 @@ def train_tms(config: TMSConfig, out: Path, *, seed: int = 0, progress: bool = T
     with torch.no_grad():
         final = model.loss(model.sample(8192, step_generator(seed, 0, "eval"))).item()
     extra = {"recipe": "tms", "seed": seed, "steps": state.step, "config": config_dict(config),
-             "metrics": {"loss": final, "features_represented": features_represented(model).tolist()}}
+             "metrics": {"loss": final, "features_represented": features_represented(model).tolist(),
+                         "feature_norms": model.W.detach().norm(dim=1).tolist()}}  # [I, n]
     model.save_pretrained(out, extra=extra)
     ckpt.remove()
     return out

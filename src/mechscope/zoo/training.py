@@ -47,7 +47,8 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
         if key not in fields:
             raise InputError(f"{type(config).__name__} has no setting {key!r}; settings: {', '.join(fields)}.")
         if not _type_ok(value, hints[key]):
-            raise InputError(f"{type(config).__name__}.{key} must be {hints[key]}, got {value!r}.")
+            want = getattr(hints[key], "__name__", str(hints[key]))
+            raise InputError(f"{type(config).__name__}.{key} must be {want}, got {value!r}.")
     return dataclasses.replace(config, **overrides)
 
 
@@ -57,8 +58,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
-    if origin in (tuple, list):
-        return isinstance(value, tuple | list)
+    if origin in (tuple, list):  # tuple[float, ...] / list[int]: any sequence of the element type
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, tuple | list) and all(_type_ok(v, args[0]) for v in value) if args else True
     if hint is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if hint is int:
