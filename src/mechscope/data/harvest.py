@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -425,11 +424,4 @@ def _forward(model, tokens: torch.Tensor, cfg: HarvestConfig) -> dict[str, torch
     return out
 
 
-def estimate_bytes(cfg: HarvestConfig, hook_shapes: dict[str, list[int]]) -> int:
-    """Disk bytes the activations of a harvest will take (without token ids)."""
-    per_row = sum(math.prod(s) for s in hook_shapes.values()) * DTYPES[cfg.dtype].itemsize
-    return per_row * cfg.n_tokens
-
-
-__all__ = ["HarvestConfig", "harvest", "model_identity", "check_model", "read_manifest", "load_shard",
-           "estimate_bytes"]
+__all__ = ["HarvestConfig", "harvest", "model_identity", "check_model", "read_manifest", "load_shard"]
