@@ -11,12 +11,12 @@ others wait on stdin), so machine drift hits every candidate alike; act/s = batc
 
 What one step is (a full training step: forward, backward, optimizer, decoder renormalisation, the
 dead-latent counters; no latent is dead within a benchmark, so no AuxK work runs anywhere):
-  ours-ref-fp32     mechscope.sae.train.Trainer.step: coder.loss (dense [B, n] latents, autograd),
-                    torch.optim.Adam (default for-loop implementation), _remove_parallel_grad,
+  ours-ref-fp32     mechscope.sae.train.Trainer.step with fused_topk=False: coder.loss (dense [B, n]
+                    latents, autograd), torch.optim.Adam (default for-loop implementation),
                     normalize_decoder, dense firing counters
-  ours-fast-fp32    the same loop body with mechscope.sae.kernels.topk_loss (one dense matmul, sparse
-                    hand-written backward), kernels.remove_parallel_grad_, firing counts from the
-                    [B, k] indices, and torch.optim.Adam(fused=True)
+  ours-fast-fp32    Trainer.step as it trains by default: mechscope.sae.kernels.topk_loss (one dense
+                    matmul, sparse hand-written backward), kernels.remove_parallel_grad_, firing counts
+                    from the [B, k] indices, and torch.optim.Adam(fused=True)
   ours-fast-fp32-adam   ours-fast-fp32 with the default torch.optim.Adam (what sparsify uses): isolates
                     the kernels from the optimizer implementation
   ours-fast-bf16    ours-fast-fp32 with the encoder matmul in bf16; only run where bf16 matmuls are fast
@@ -67,57 +67,27 @@ def _reply(obj) -> None:
 
 
 def build_ours(name: str, a):
-    """A step function for one of our candidates (a Trainer holds the optimizer and counters)."""
+    """A step function for one of our candidates: mechscope.sae.train.Trainer.step itself."""
     import torch
 
-    from mechscope.errors import NonFiniteError
-    from mechscope.sae import kernels
     from mechscope.sae.coder import SparseCoder
     from mechscope.sae.config import SAEConfig
-    from mechscope.sae.train import TrainConfig, Trainer, lr_at
+    from mechscope.sae.train import TrainConfig, Trainer
 
     cfg = TrainConfig(arch="topk", n_latents=a.n_latents, k=a.k, batch_size=a.batch, steps=10_000,
-                      seed=a.seed).resolved(a.d_in)
+                      seed=a.seed, fused_topk=name != "ours-ref-fp32",
+                      autocast_bf16=name == "ours-fast-bf16").resolved(a.d_in)
     coder = SparseCoder(SAEConfig(arch="topk", d_in=a.d_in, n_latents=a.n_latents, k=a.k)).init_weights(a.seed)
     t = Trainer(cfg, coder)
-    if name == "ours-ref-fp32":
-        state = {"step": 0}
-
-        def ref_step(x):
-            t.step(x, None, state["step"])
-            state["step"] += 1
-
-        return ref_step
-
-    bf16 = name == "ours-fast-bf16"
-    if name != "ours-fast-fp32-adam":
-        t.opt = torch.optim.Adam(coder.parameters(), lr=float(cfg.lr), betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                 fused=True)
-    n = a.n_latents
+    if name in ("ours-ref-fp32", "ours-fast-fp32-adam"):  # the default for-loop Adam, as the peers use
+        t.opt = torch.optim.Adam(coder.parameters(), lr=float(cfg.lr), betas=cfg.adam_betas, eps=cfg.adam_eps)
     state = {"step": 0}
 
-    def fast_step(x):
-        """What Trainer.step becomes with the fast path (see the report / kernels docstring)."""
-        c = t.cfg
-        for group in t.opt.param_groups:
-            group["lr"] = lr_at(state["step"], c)
-        dead = t.tokens_since_fired >= c.dead_window_tokens if c.auxk else None
-        out = kernels.topk_loss(coder, x, None, bf16=bf16, dead=dead, k_aux=c.k_aux, auxk_coeff=c.auxk_coeff)
-        if not bool(torch.isfinite(out.loss)):
-            raise NonFiniteError(f"non-finite loss ({float(out.loss)})")
-        t.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        kernels.remove_parallel_grad_(coder.W_dec)
-        t.opt.step()
-        with torch.no_grad():
-            coder.normalize_decoder()
-            counts = kernels.firing_counts(out.acts, n)  # [n] the Trainer._count bookkeeping, from [B, k]
-            t.tokens_since_fired.add_(x.shape[0]).masked_fill_(counts > 0, 0)
-            t.window_counts += counts
-            t.window_tokens += x.shape[0]
+    def step(x):
+        t.step(x, None, state["step"])
         state["step"] += 1
 
-    return fast_step
+    return step
 
 
 def op_key(e) -> str:

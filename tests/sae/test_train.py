@@ -100,20 +100,22 @@ def test_resume_can_extend_steps_with_a_constant_schedule(tmp_path):
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = SparseCoder.loss
+    from mechscope.sae import kernels
 
-    def poisoned(self, x, y=None, **kw):
-        out = real(self, x, y, **kw)
+    calls = {"n": 0}
+    real = kernels.topk_loss  # the trainer's (fused) topk path
+
+    def poisoned(coder, x, y=None, **kw):
+        out = real(coder, x, y, **kw)
         calls["n"] += 1
         return out._replace(loss=out.loss * float("nan")) if calls["n"] > 7 else out
 
-    monkeypatch.setattr(SparseCoder, "loss", poisoned)
+    monkeypatch.setattr(kernels, "topk_loss", poisoned)
     with pytest.raises(NonFiniteError, match=r"at step 7 .*checkpoint \(step 6\)"):
         train(DATA, arch="topk", k=2, checkpoint_dir=tmp_path, checkpoint_every=3, **SMALL)
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["step"] == 6
-    monkeypatch.setattr(SparseCoder, "loss", real)
+    monkeypatch.setattr(kernels, "topk_loss", real)
     bad = DATA.clone()
     bad[::7] = float("nan")
     with pytest.raises(NonFiniteError, match="at step 0"):
@@ -266,3 +268,20 @@ def test_train_streaming_from_a_model(model):
     assert_same(a, b) and a.cfg.hook_in == "blocks.1.hook_resid_post"
     assert float(a.threshold.max()) > 0  # the inference threshold was estimated
     assert evaluate(a, (model, "blocks.1.hook_resid_post", ctx), n_tokens=256).n_tokens == 256
+
+
+def test_fused_topk_trains_like_the_reference_rule():
+    """The trainer's fused TopK kernel (default) and coder.loss (fused_topk=False) are one training rule:
+    same loss curve, FVE, L0 and dead counters up to float rounding, AuxK included (short window so
+    latents die and AuxK is active)."""
+    kw = dict(arch="topk", k=3, n_latents=48, steps=30, batch_size=256, dead_window_tokens=512,
+              progress=False, log_every=1, seed=3)
+    fused = train(DATA, **kw)
+    ref = train(DATA, fused_topk=False, **kw)
+    lf, lr = fused.cfg.extra["train_log"], ref.cfg.extra["train_log"]
+    assert lf["l0"] == lr["l0"] and max(lf["dead_fraction"]) > 0  # AuxK had dead latents to revive
+    assert lf["dead_fraction"] == lr["dead_fraction"]
+    for a, b in zip(lf["loss"], lr["loss"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    for key, v in weights(fused).items():
+        torch.testing.assert_close(v, weights(ref)[key], rtol=1e-3, atol=1e-4, msg=key)
