@@ -177,6 +177,13 @@ def train_sae_command(args) -> dict:
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, hook=args.hook, target_hook=args.target_hook,
                   l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff, autocast_bf16=args.bf16,
                   checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress, device=args.device)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # under torchrun: rank 0 saves and evaluates
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return {}
     out = io.save(coder, args.out, format=args.format)
     print(f"saved      {out} ({args.format})")
     return _print_eval(coder, model, source, args.eval_tokens, args.eval_contexts, store)

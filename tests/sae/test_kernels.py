@@ -40,7 +40,7 @@ def grads(c: SparseCoder, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
-    scale = b.abs().max().clamp_min(1e-12)
+    scale = b.detach().abs().max().clamp_min(1e-12)
     err = float((a - b).detach().abs().max() / scale)
     assert err <= rel, f"{what}: max error {err:.2e} relative to max |ref| (want <= {rel:.0e})"
 

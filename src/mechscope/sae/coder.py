@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mechscope.errors import InputError, NonFiniteError
+from mechscope.sae import distributed
 from mechscope.sae.config import SAEConfig
 
 
@@ -214,7 +215,7 @@ class SparseCoder(nn.Module):
         y_s = y.to(self.W_dec.dtype) * c.output_scale if c.output_scale != 1.0 else y.to(self.W_dec.dtype)
         pre = self.pre_acts(x)
         parts: dict[str, torch.Tensor] = {}
-        denom = (y_s - y_s.mean(0)).pow(2).sum().clamp_min(1e-12)
+        denom = distributed.batch_total_variance(y_s)  # over the global batch under torchrun
 
         def fvu(pred: torch.Tensor) -> torch.Tensor:
             return (pred - y_s).pow(2).sum() / denom
@@ -270,7 +271,7 @@ class SparseCoder(nn.Module):
         masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
         vals, idx = masked.topk(k, dim=-1, sorted=False)
         e_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=F.relu(vals), mode="sum")
-        denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        denom = distributed.batch_total_variance(residual)
         return min(n_dead / k_aux, 1.0) * (e_hat - residual).pow(2).sum() / denom
 
     @torch.no_grad()
@@ -308,7 +309,10 @@ def _topk_dense(a: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _batch_topk(a: torch.Tensor, k_total: int) -> torch.Tensor:
-    """BatchTopK (Bussmann et al. 2024): the k * B largest entries over the whole batch."""
+    """BatchTopK (Bussmann et al. 2024): the k * B largest entries over the whole batch (over all
+    ranks' batches under torchrun)."""
+    if distributed.active() is not None:
+        return distributed.batch_topk(a, k_total // a.shape[0])
     flat = a.flatten()
     vals, idx = flat.topk(min(k_total, flat.numel()), sorted=False)
     return torch.zeros_like(flat).scatter(0, idx, vals).view_as(a)
@@ -316,4 +320,7 @@ def _batch_topk(a: torch.Tensor, k_total: int) -> torch.Tensor:
 
 def _min_positive(f: torch.Tensor) -> torch.Tensor:
     pos = f[f > 0]
+    if distributed.active() is not None:  # the global minimum; +inf marks a rank without activations
+        m = distributed.all_min(pos.min().detach() if pos.numel() else f.new_tensor(float("inf")))
+        return torch.where(torch.isinf(m), torch.zeros_like(m), m)
     return pos.min().detach() if pos.numel() else f.new_zeros(())

@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from mechscope.errors import InputError, NonFiniteError
+from mechscope.sae import distributed
 from mechscope.sae.coder import LossOutput, SparseCoder
 
 __all__ = ["SparseCode", "topk_loss", "sparse_decode", "firing_counts", "to_dense", "bf16_matmul_is_fast",
@@ -259,12 +260,6 @@ def _encode_topk(x_c, W_enc, b_enc, k, dead_idx, k_aux, bf16):
     return (vals, idx, aux_vals, aux_pos) if aux else (vals, idx, None, None)
 
 
-def _total_variance(y: torch.Tensor) -> torch.Tensor:
-    """Σ‖y_b - ȳ‖² over a batch [B, d] (the FVU denominator), clamped away from 0."""
-    c = y - y.mean(0)
-    return torch.dot(c.view(-1), c.view(-1)).clamp_min(1e-12)
-
-
 class _Opts(NamedTuple):
     k: int
     sub_b_dec: bool  # autoencoder: x_c = x_s - b_dec
@@ -297,7 +292,7 @@ class _TopKLoss(torch.autograd.Function):
         if skip_out is not None:
             out += skip_out
         err = out - y_s  # [B, d]
-        denom = _total_variance(y_s)
+        denom = distributed.batch_total_variance(y_s)
         recon = torch.dot(err.view(-1), err.view(-1)) / denom
         ctx.set_materialize_grads(False)
         ctx.o = o
@@ -307,7 +302,7 @@ class _TopKLoss(torch.autograd.Function):
             A.scatter_(1, aux_pos, aux_vals)  # [B, n_dead]
             W_dead = W_dec.index_select(0, o.dead_idx)  # [n_dead, d]
             diff = torch.addmm(err, A, W_dead)  # ê - e = A W_dead - (y - out)
-            denom_e = _total_variance(err)
+            denom_e = distributed.batch_total_variance(err)
             auxk = o.aux_scale * torch.dot(diff.view(-1), diff.view(-1)) / denom_e
             aux_idx = o.dead_idx[aux_pos]  # type: ignore[index]
             ctx.save_for_backward(x_c, err, denom, W_enc, W_dec, acts, idx, A, W_dead, diff, denom_e)

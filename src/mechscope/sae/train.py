@@ -33,10 +33,11 @@ import torch
 
 from mechscope.errors import CorruptFileError, InputError, NonFiniteError, StoreMismatchError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
-from mechscope.sae import kernels
+from mechscope.sae import distributed, kernels
 from mechscope.sae.coder import SparseCoder
 from mechscope.sae.config import ARCHS, TOPK_FAMILY, SAEConfig
 from mechscope.sae.metrics import DENSE_THRESHOLD, batch_fve
+from mechscope.sae.metrics import fve as metrics_fve
 
 DECAYS = ("constant", "linear", "cosine")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -411,6 +412,8 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, c)
         dead = self.tokens_since_fired >= c.dead_window_tokens if c.auxk else None  # [n]
+        if distributed.active() is not None:  # all ranks stop together, or none does (no rank left waiting)
+            _all_finite_or_raise(x if y is None else torch.cat([x.flatten(), y.flatten()]), "activations")
         if self.fused:
             # AuxK in the same pass; bf16 selects the top k on a bf16 matmul (values stay exact fp32)
             out = kernels.topk_loss(coder, x, y, bf16=c.autocast_bf16, dead=dead, k_aux=c.k_aux,
@@ -427,10 +430,10 @@ class Trainer:
                     aux = coder.auxk_loss(out.pre, residual, dead, int(c.k_aux))  # type: ignore[arg-type]
                     parts["auxk_loss"] = aux.detach()
                     loss = loss + c.auxk_coeff * aux
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteError(f"non-finite loss ({float(loss.detach())})")
+        _all_finite_or_raise(loss.detach(), "loss")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(list(coder.parameters()))  # no-op in a single process
         if self.unit_decoder and coder.W_dec.grad is not None:
             kernels.remove_parallel_grad_(coder.W_dec)
         if c.grad_clip:
@@ -454,7 +457,10 @@ class Trainer:
             counts = kernels.firing_counts(acts, self.coder.cfg.n_latents)  # [n]
         else:
             counts = (acts != 0).sum(0)  # [n]
+        counts = distributed.all_sum(counts)  # firing over the global batch
         B = acts[0].shape[0] if isinstance(acts, kernels.SparseCode) else acts.shape[0]
+        g = distributed.active()
+        B = B * g.world if g is not None else B
         self.tokens_since_fired += B
         self.tokens_since_fired[counts > 0] = 0
         self.window_counts += counts
@@ -503,6 +509,13 @@ class Trainer:
         self.window_tokens = window_tokens
         lf = tensors.get(f"{prefix}last_frequency")
         self.last_frequency = None if lf is None else lf.to(dev)
+
+
+def _all_finite_or_raise(t: torch.Tensor, what: str) -> None:
+    ok = torch.isfinite(t).all().to(torch.int32).reshape(1)
+    if not bool(distributed.all_min(ok)):
+        where = "" if distributed.active() is None else " on some rank"
+        raise NonFiniteError(f"non-finite {what}{where}" + (f" ({float(t)})" if t.numel() == 1 else ""))
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -625,48 +638,59 @@ def train_many(source: Any, specs: list[TrainConfig | dict[str, Any]], *,
         raise InputError(f"checkpoint_every must be positive, got {checkpoint_every}.")
     cfgs, src = _prepare(source, specs)
     steps, batch_size = cfgs[0].steps, cfgs[0].batch_size
-    dev = torch.device(device) if device is not None else _default_device(source)
+    group = distributed.setup(device)  # None unless launched by torchrun (or a process group exists)
+    dev = group.device if group is not None else (
+        torch.device(device) if device is not None else _default_device(source))
+    rows = distributed.shard(batch_size, group) if group is not None else slice(None)
+    main = group is None or group.is_main
     ckpt = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     log_every = log_every or max(1, min(100, steps // 100))
-    trainers, start, log = _resume_or_init(cfgs, src, dev, ckpt)
-    data_info = {"kind": type(src).__name__, "seed": cfgs[0].data_seed,
-                 "order": "a function of (seed, step): resume skips the batches served"}
+    with distributed.activate(group):
+        trainers, start, log = _resume_or_init(cfgs, src, dev, ckpt)
+        data_info = {"kind": type(src).__name__, "seed": cfgs[0].data_seed,
+                     "order": "a function of (seed, step): resume skips the batches served"}
+        if group is not None:
+            data_info["world_size"] = group.world  # informational: any world size resumes it
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"train {cfgs[0].arch}",
-               dynamic_ncols=True)
-    batches = src.batches(start)
-    try:
-        for step in range(start, steps):
-            batch = next(batches, None)
-            if batch is None:
-                raise InputError(f"The source ran out of activations after {step} steps of {batch_size}; "
-                                 "ask for fewer steps or give more data.")
-            for i, (t, (key_in, key_out)) in enumerate(zip(trainers, src.keys, strict=True)):
-                x = batch[key_in].to(dev, non_blocking=True)  # [B, d_in]
-                y = batch[key_out].to(dev, non_blocking=True) if key_out is not None else None  # [B, d_out]
-                try:
-                    stats = t.step(x, y, step)
-                except NonFiniteError as e:
-                    raise _nan_error(i, t, step, e, ckpt) from e
-                if (step + 1) % log_every == 0 or step + 1 == steps:
-                    _log(log[i], step, stats, t, x if y is None else y)
-            bar.update(1)
-            if progress and ((step + 1) % 10 == 0 or step + 1 == steps) and log[0]["step"]:
-                lg = log[0]
-                bar.set_postfix(loss=f"{lg['loss'][-1]:.4f}", fve=f"{lg['fve'][-1]:.3f}",
-                                l0=f"{lg['l0'][-1]:.1f}", dead=f"{100 * lg['dead_fraction'][-1]:.1f}%",
-                                refresh=False)
-            done = step + 1
-            interrupted = stop_after is not None and done >= stop_after
-            if ckpt is not None and (done == steps or done % checkpoint_every == 0 or interrupted):
-                _save(ckpt, done, trainers, log, data_info | {"batches_served": done})
-            if interrupted and done < steps:
-                break
-    finally:
-        bar.close()
-    return [_finished(t, log[i]) for i, t in enumerate(trainers)]
+        bar = tqdm(total=steps, initial=start, disable=not (progress and main), desc=f"train {cfgs[0].arch}",
+                   dynamic_ncols=True)
+        batches = src.batches(start)
+        try:
+            for step in range(start, steps):
+                batch = next(batches, None)
+                if batch is None:
+                    raise InputError(f"The source ran out of activations after {step} steps of {batch_size}; "
+                                     "ask for fewer steps or give more data.")
+                for i, (t, (key_in, key_out)) in enumerate(zip(trainers, src.keys, strict=True)):
+                    x = batch[key_in][rows].to(dev, non_blocking=True)  # [B, d_in] (this rank's rows)
+                    y = batch[key_out][rows].to(dev, non_blocking=True) if key_out is not None else None
+                    try:
+                        stats = t.step(x, y, step)
+                    except NonFiniteError as e:
+                        raise _nan_error(i, t, step, e, ckpt) from e
+                    if (step + 1) % log_every == 0 or step + 1 == steps:
+                        _log(log[i], step, stats, t, x if y is None else y)
+                bar.update(1)
+                if progress and main and ((step + 1) % 10 == 0 or step + 1 == steps) and log[0]["step"]:
+                    lg = log[0]
+                    bar.set_postfix(loss=f"{lg['loss'][-1]:.4f}", fve=f"{lg['fve'][-1]:.3f}",
+                                    l0=f"{lg['l0'][-1]:.1f}", dead=f"{100 * lg['dead_fraction'][-1]:.1f}%",
+                                    refresh=False)
+                done = step + 1
+                interrupted = stop_after is not None and done >= stop_after
+                if ckpt is not None and (done == steps or done % checkpoint_every == 0 or interrupted):
+                    _check_finite_weights(ckpt, done, trainers)  # on every rank: they stop together
+                    if main:  # one writer; the others wait until the checkpoint is complete
+                        ckpt.save(done, trainers, log, data_info | {"batches_served": done})
+                    if group is not None:
+                        torch.distributed.barrier()
+                if interrupted and done < steps:
+                    break
+        finally:
+            bar.close()
+        return [_finished(t, log[i]) for i, t in enumerate(trainers)]
 
 
 def _prepare(source: Any, specs: list[TrainConfig | dict[str, Any]]) -> tuple[list[TrainConfig], BatchSource]:
@@ -713,13 +737,12 @@ def _resume_or_init(cfgs: list[TrainConfig], src: BatchSource, dev: torch.device
     return trainers, int(state["step"]), state["log"]
 
 
-def _save(ckpt: Checkpoint, step: int, trainers: list[Trainer], log: list[dict[str, list[float]]],
-          data: dict[str, Any]) -> None:
-    for t in trainers:  # never overwrite a good checkpoint with a broken state
+def _check_finite_weights(ckpt: Checkpoint, step: int, trainers: list[Trainer]) -> None:
+    """Never overwrite a good checkpoint with a broken state."""
+    for t in trainers:
         if not all(bool(torch.isfinite(p).all()) for p in t.coder.parameters()):
             raise NonFiniteError(f"Non-finite weights after step {step}; the last good checkpoint is kept in "
                                  f"{ckpt.dir}.")
-    ckpt.save(step, trainers, log, data)
 
 
 def _nan_error(i: int, t: Trainer, step: int, e: Exception, ckpt: Checkpoint | None) -> NonFiniteError:
@@ -731,11 +754,25 @@ def _nan_error(i: int, t: Trainer, step: int, e: Exception, ckpt: Checkpoint | N
 
 
 def _log(lg: dict[str, list[float]], step: int, stats: StepStats, t: Trainer, target: torch.Tensor) -> None:
-    lg["step"].append(step)
-    lg["loss"].append(float(stats.loss))
-    lg["fve"].append(batch_fve(target, stats.out))
+    """Append the step's loss, FVE and L0 (over the global batch under torchrun) to the log."""
     values = stats.acts.values if isinstance(stats.acts, kernels.SparseCode) else stats.acts
-    lg["l0"].append(float((values != 0).sum(-1).double().mean()))
+    g = distributed.active()
+    if g is None:
+        loss, fve, l0 = float(stats.loss), batch_fve(target, stats.out), \
+            float((values != 0).sum(-1).double().mean())
+    else:  # sufficient statistics summed over ranks: loss (a mean over ranks), Σerr², Σ‖y‖², Σy, rows, firings
+        y, e = target.detach().double(), (target.detach().double() - stats.out.double())
+        packed = torch.cat([torch.stack([stats.loss.double() / g.world, e.square().sum(), y.square().sum(),
+                                         torch.tensor(float(y.shape[0]), dtype=torch.float64, device=y.device),
+                                         (values != 0).sum().double()]), y.sum(0)])
+        packed = distributed.all_sum(packed)
+        loss, n = float(packed[0]), float(packed[3])
+        fve = metrics_fve(float(packed[1]), float(packed[2]), packed[5:], int(n))
+        l0 = float(packed[4]) / n
+    lg["step"].append(step)
+    lg["loss"].append(loss)
+    lg["fve"].append(fve)
+    lg["l0"].append(l0)
     lg["dead_fraction"].append(t.dead_fraction())
     lg["lr"].append(lr_at(step, t.cfg))
 
