@@ -105,3 +105,18 @@ def tiny_lm_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-lm")
     make_tiny_lm(0).save_pretrained(folder)
     return folder, HookedTransformer.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="session")
+def induction_2l_folder(tmp_path_factory):
+    """The zoo's induction-2l model (2-layer attention-only, a layer-1 induction head), trained once per
+    test session (~60 s on an idle 2-core machine, ~2 min on a busy one) and shared by the zoo and
+    circuits tests. Load it with `mechscope.zoo.load(folder)`."""
+    from mechscope import zoo
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return zoo.train("induction-2l", tmp_path_factory.mktemp("induction-2l"), seed=0, progress=False)
+    finally:
+        torch.set_num_threads(n)

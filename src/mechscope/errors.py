@@ -89,3 +89,15 @@ class StoreWriteError(MechscopeError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class PromptMismatchError(InputError):
+    """Clean and corrupted prompts that cannot be compared position by position (different lengths)."""
+
+
+class MetricError(InputError):
+    """A user metric returned something other than a finite scalar (or one value per batch row)."""
+
+
+class EmptyCircuitError(InputError):
+    """A circuit selection kept no edge or node (threshold too high, k = 0)."""

@@ -10,9 +10,9 @@ from mechscope.zoo.induction import _sotu, repeated_tokens, train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, one_thread):
-    """The default recipe, trained once (~60 s on an idle 2-core machine, ~2 min on a busy one)."""
-    return zoo.train("induction-2l", tmp_path_factory.mktemp("induction"), seed=0, progress=False)
+def trained(induction_2l_folder, one_thread):
+    """The default recipe, trained once per session (tests/conftest.py)."""
+    return induction_2l_folder
 
 
 @pytest.mark.slow

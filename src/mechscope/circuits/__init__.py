@@ -1,0 +1,1 @@
+"""Circuits: activation and attribution patching, head detectors, lenses, circuit discovery."""
