@@ -12,8 +12,9 @@ import torch
 from mechscope.sae.synthetic import synthetic_data
 from mechscope.sae.train import train_many
 
-SPECS = [  # short dead window: latents die and AuxK runs; batchtopk: the global batch selection
-    dict(arch="topk", k=2, n_latents=96, steps=24, batch_size=256, dead_window_tokens=256, seed=1, data_seed=0),
+SPECS = [  # short dead window: latents die, AuxK and resampling run; batchtopk: global selection
+    dict(arch="topk", k=2, n_latents=96, steps=24, batch_size=256, dead_window_tokens=256, seed=1, data_seed=0,
+         resample_every=6),
     dict(arch="batchtopk", k=3, n_latents=48, steps=24, batch_size=256, seed=2, data_seed=0),
     dict(arch="relu", n_latents=48, steps=24, batch_size=256, seed=3, data_seed=0),
 ]

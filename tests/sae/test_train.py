@@ -285,3 +285,50 @@ def test_fused_topk_trains_like_the_reference_rule():
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
     for key, v in weights(fused).items():
         torch.testing.assert_close(v, weights(ref)[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_resampling_revives_dead_latents_from_high_error_inputs():
+    from mechscope.sae import resample
+
+    cfg = TrainConfig(arch="relu", n_latents=32, steps=100, batch_size=256, dead_window_tokens=256).resolved(8)
+    coder = SparseCoder(SAEConfig(arch="relu", d_in=8, n_latents=32)).init_weights(0)
+    t = Trainer(cfg, coder)
+    x = DATA[:256]
+    t.step(x, None, 0)  # Adam moments exist for every row
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[3, 7, 20]] = True
+    t.tokens_since_fired[dead] = 10_000
+    before = weights(coder)
+    out = coder(x).out
+    n = resample.resample_dead(t, x, None, out, torch.Generator().manual_seed(0))
+    assert n == 3 and int(t.tokens_since_fired[dead].max()) == 0
+    after = weights(coder)
+    for name in ("W_dec", "b_enc"):  # live latents untouched
+        assert torch.equal(after[name][~dead], before[name][~dead])
+    assert torch.equal(after["W_enc"][:, ~dead], before["W_enc"][:, ~dead])
+    rows = after["W_dec"][dead]  # unit directions of actual inputs (minus b_dec)
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(3))
+    data_dirs = (x - coder.b_dec).detach()
+    data_dirs = data_dirs / data_dirs.norm(dim=1, keepdim=True)
+    assert float((rows @ data_dirs.T).max(1).values.min()) > 1 - 1e-5
+    enc = after["W_enc"][:, dead].T  # parallel, at 0.2x the mean live encoder norm
+    torch.testing.assert_close(enc / enc.norm(dim=1, keepdim=True), rows)
+    live_norm = before["W_enc"][:, ~dead].norm(dim=0).mean()
+    torch.testing.assert_close(enc.norm(dim=1), torch.full((3,), float(0.2 * live_norm)))
+    assert float(after["b_enc"][dead].abs().max()) == 0
+    st = t.opt.state[coder.W_dec]
+    assert float(st["exp_avg"][dead].abs().max()) == 0 and float(st["exp_avg_sq"][dead].abs().max()) == 0
+    assert float(t.opt.state[coder.W_enc]["exp_avg"][:, dead].abs().max()) == 0
+
+
+def test_resampling_during_training_lowers_the_dead_fraction():
+    """TopK k=1 without AuxK leaves ~22% of 64 latents dead on 16 true features; resampling every 10 steps
+    brings that under 5% and raises FVE (measured 0.22 -> 0.016, FVE 0.770 -> 0.816)."""
+    kw = dict(arch="topk", k=1, auxk=False, n_latents=64, steps=60, batch_size=256, dead_window_tokens=1024,
+              progress=False, seed=0, decay_fraction=0.0)
+    plain = train(DATA, **kw)
+    resampled = train(DATA, resample_every=10, **kw)
+    d_plain = plain.cfg.extra["train_stats"]["dead_fraction"]
+    d_res = resampled.cfg.extra["train_stats"]["dead_fraction"]
+    assert d_plain > 0.15 and d_res < 0.05, (d_plain, d_res)
+    assert resampled.cfg.extra["train_log"]["fve"][-1] > plain.cfg.extra["train_log"]["fve"][-1] + 0.02

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from mechscope.errors import InputError
 
 __all__ = ["Group", "setup", "active", "activate", "batch_total_variance", "batch_topk", "all_sum",
-           "all_min", "average_gradients", "shard", "launched_by_torchrun"]
+           "all_min", "all_gather", "average_gradients", "shard", "launched_by_torchrun"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,15 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors of every rank along dim 0, in rank order (`t` when single-process)."""
+    if _ACTIVE is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(_ACTIVE.world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def all_min(t: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 
 from mechscope.errors import CorruptFileError, InputError, NonFiniteError, StoreMismatchError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
-from mechscope.sae import distributed, kernels
+from mechscope.sae import distributed, kernels, resample
 from mechscope.sae.coder import SparseCoder
 from mechscope.sae.config import ARCHS, TOPK_FAMILY, SAEConfig
 from mechscope.sae.metrics import DENSE_THRESHOLD, batch_fve
@@ -80,6 +80,9 @@ class TrainConfig:
     auxk: bool | None = None  # AuxK dead-latent loss; None: on for topk / batchtopk / matryoshka
     auxk_coeff: float = 1 / 32
     k_aux: int | None = None  # None: d_in // 2
+    # dead-latent resampling (Bricken et al. 2023; sae/resample.py) every N steps until the lr decay
+    # starts; 0: never (AuxK alone)
+    resample_every: int = 0
     dead_window_tokens: int | None = None  # None: min(10M, steps * batch_size // 10)
     b_dec_init: str = "geometric_median"  # geometric_median | mean | zeros
     normalize_input: bool = True  # scale so E‖x‖ = sqrt(d_in) (and E‖y‖ = sqrt(d_out))
@@ -107,7 +110,7 @@ class TrainConfig:
             raise InputError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}.")
         if not 0 <= self.decay_fraction <= 1 or (self.lr is not None and self.lr <= 0):
             raise InputError("need 0 <= decay_fraction <= 1 and lr > 0.")
-        for name in ("warmup_steps", "sparsity_warmup_steps", "dead_window_tokens", "k_aux"):
+        for name in ("warmup_steps", "sparsity_warmup_steps", "dead_window_tokens", "k_aux", "resample_every"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise InputError(f"{name} must be >= 0, got {v}.")
@@ -380,7 +383,7 @@ class StepStats(NamedTuple):
     loss: torch.Tensor  # scalar, the total loss
     out: torch.Tensor  # [B, d_out] output in raw units (full reconstruction, also for matryoshka)
     acts: torch.Tensor | kernels.SparseCode  # [B, n_latents] latent activations, or [B, k] on the fused path
-    parts: dict[str, torch.Tensor]  # recon_loss, l1_loss / l0_loss / gate_aux_loss, auxk_loss, min_active
+    parts: dict[str, torch.Tensor]  # recon_loss, l1_loss / l0_loss / gate_aux_loss, auxk_loss, min_active, resampled
 
 
 class Trainer:
@@ -447,6 +450,10 @@ class Trainer:
                 new = parts["min_active"].float()
                 t.copy_(torch.where(t == 0, new, c.threshold_ema * t + (1 - c.threshold_ema) * new))
             self._count(out.acts)
+            done = step + 1
+            if c.resample_every and done % c.resample_every == 0 and done < c.steps * (1 - c.decay_fraction):
+                parts["resampled"] = torch.tensor(float(resample.resample_dead(
+                    self, x, y, out.out.detach(), step_generator(c.seed, step, "resample"))))
         acts = out.acts if self.fused else out.acts.detach()
         return StepStats(loss.detach(), out.out.detach(), acts, parts)
 
