@@ -96,6 +96,7 @@ class TrainConfig:
     threshold_ema: float = 0.99  # batchtopk / matryoshka: EMA of the smallest kept activation
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: plain Adam, the usual SAE setting)
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
@@ -394,8 +395,8 @@ class Trainer:
         lr = float(cfg.lr)  # type: ignore[arg-type]
         # the fused (one multi-tensor kernel) Adam where torch has it for the device: same update rule
         fused = coder.W_enc.device.type in ("cpu", "cuda") and coder.W_enc.dtype == torch.float32
-        self.opt = torch.optim.Adam(coder.parameters(), lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                    fused=fused)
+        self.opt = torch.optim.AdamW(coder.parameters(), lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay, fused=fused)
         n, dev = coder.cfg.n_latents, coder.W_enc.device
         # tokens seen since each latent last fired: dead = no activation within dead_window_tokens
         self.tokens_since_fired = torch.zeros(n, dtype=torch.int64, device=dev)  # [n]
