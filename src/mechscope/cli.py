@@ -176,6 +176,7 @@ def train_sae_command(args) -> dict:
     coder = train(source, arch=args.arch, n_latents=args.latents, k=args.k, steps=args.steps,
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, hook=args.hook, target_hook=args.target_hook,
                   l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff, autocast_bf16=args.bf16,
+                  resample_every=args.resample_every,
                   checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress, device=args.device)
     import torch.distributed as dist
 
@@ -260,6 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--l0-coeff", type=float, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--bf16", action="store_true", help="bf16 autocast for the coder's matmuls")
+    t.add_argument("--resample-every", type=int, default=0,
+                   help="re-initialise dead latents from high-error inputs every N steps (0: AuxK only)")
     t.add_argument("--checkpoint-dir", default=None, help="checkpoints here; an existing one is resumed")
     t.add_argument("--eval-tokens", type=int, default=50_000)
     t.add_argument("--eval-contexts", type=int, default=32)

@@ -98,14 +98,6 @@ def repeated_tokens(n_seqs: int, seq_len: int, d_vocab: int, bos: int, seed: int
 # ------------------------------------------------------------------------------ metrics
 
 
-def _patterns(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Attention patterns of every layer: [L, B, H, T, T]."""
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
-    return torch.stack([cache[n].float() for n in names])
-
-
 def _bos_id(model: HookedTransformer) -> int:
     tok = model.tokenizer
     return tok.bos_token_id if tok is not None and tok.bos_token_id is not None else 0
@@ -116,23 +108,25 @@ def induction_score(model: HookedTransformer, seq_len: int = 50, n_seqs: int = 3
     occurrence (Olsson et al. 2022). [n_layers, n_heads], 1.0 = a perfect induction head.
 
     r is uniform over ids 1..d_vocab-1 (BOS is id 0 in the zoo's tokenizer; for other models BOS may
-    occur inside r, which changes a handful of positions). Works for any HookedTransformer.
+    occur inside r, which changes a handful of positions). Works for any HookedTransformer. The
+    targets come from the layout, so repeats inside r add none (circuits.head_scores(model,
+    "induction") on these tokens would also count attention to them).
     """
-    bos = _bos_id(model)
-    tokens = repeated_tokens(n_seqs, seq_len, model.cfg.d_vocab, bos, seed).to(model.device)
-    pat = _patterns(model, tokens)  # [L, B, H, T, T]
+    from mechscope.circuits.heads import head_scores
+
+    tokens = repeated_tokens(n_seqs, seq_len, model.cfg.d_vocab, _bos_id(model), seed).to(model.device)
     q = torch.arange(1 + seq_len, 1 + 2 * seq_len)  # second copy
-    k = q - seq_len + 1  # the token after the first occurrence
-    return pat[..., q, k].mean(dim=(1, 3))  # [L, H]
+    targets = torch.zeros(tokens.shape[1], tokens.shape[1])
+    targets[q, q - seq_len + 1] = 1.0  # the token after the first occurrence
+    return head_scores(model, targets, tokens)
 
 
 def prev_token_score(model: HookedTransformer, seq_len: int = 50, n_seqs: int = 32, seed: int = 0) -> torch.Tensor:
     """Mean attention from each position t >= 1 to t - 1 on the same repeated sequences. [n_layers, n_heads]."""
-    bos = _bos_id(model)
-    tokens = repeated_tokens(n_seqs, seq_len, model.cfg.d_vocab, bos, seed).to(model.device)
-    pat = _patterns(model, tokens)
-    q = torch.arange(1, tokens.shape[1])
-    return pat[..., q, q - 1].mean(dim=(1, 3))
+    from mechscope.circuits.heads import head_scores
+
+    tokens = repeated_tokens(n_seqs, seq_len, model.cfg.d_vocab, _bos_id(model), seed).to(model.device)
+    return head_scores(model, "previous_token", tokens)
 
 
 @torch.no_grad()
