@@ -1,0 +1,732 @@
+"""Activation patching: run the corrupted prompts, overwrite one activation with its value from the clean
+run, and measure how much of the clean behaviour comes back (Meng et al. 2022, Wang et al. 2022).
+
+    res = activation_patching(model, clean, corrupted, LogitDiff(correct, wrong), "resid_pre", "position")
+    res.shape  # [n_layers, pos]: the metric after patching clean resid_pre at (layer, position)
+
+Why batched: a sweep is hundreds of forward passes of the same few prompts. Here one forward pass carries
+n patches x B prompts (the base prompts repeated, row = patch * B + prompt); one hook per layer writes the
+source activations into the rows of the patches at that layer with one advanced-indexing assignment.
+Three facts make the batch cheaper than n full passes, with the same results up to float rounding:
+  - nothing before a patch's layer changes: its rows join the batch at that layer, starting from the
+    unpatched run's residual there (patches are sorted by layer, so the rows alive at any block are a
+    prefix of the batch);
+  - in a causal model a patch at position p changes nothing at positions < p: a batch of patches starting
+    at p0 computes positions >= p0 only, with the unpatched run's keys/values before p0 (like a KV cache);
+  - a patch that writes the values already there (e.g. at positions before the first token where clean
+    and corrupted differ) is the unpatched run: it is not run at all (skip_unchanged).
+The logits are computed only at the positions the metric reads (when it declares them, see BatchedMetric).
+
+Metrics: any callable `metric(logits [B, T, V]) -> scalar | [B]` works. The built-in metrics
+(LogitDiff, TokenProb, KLDivergence) also declare the positions they read (`logit_positions`) and a
+batched form, so the sweep unembeds only those positions and scores all patches of a batch at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from mechscope.errors import HookNameError, InputError, MetricError, PromptMismatchError, unknown_name_message
+from mechscope.models.cache import act_name
+from mechscope.models.transformer import HookedTransformer
+
+Granularity = Literal["layer", "position", "head", "head_position", "neuron"]
+Direction = Literal["denoise", "noise"]
+Prompts = str | Sequence[str] | torch.Tensor
+GRANULARITIES = ("layer", "position", "head", "head_position", "neuron")
+_EMBED_HOOKS = ("hook_embed", "hook_pos_embed", "hook_token_type_embed")
+_PER_HEAD = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result")
+_PATTERN_LIKE = ("hook_pattern", "hook_attn_scores")
+
+
+# ============================================================================ metrics
+
+
+@runtime_checkable
+class BatchedMetric(Protocol):
+    """Optional fast path of a metric. `logit_positions`: the positions it reads (negative = from the end);
+    `batched(logits [P, B, n, V]) -> [P] | [P, B]` where logits[:, :, i] holds position logit_positions[i]."""
+
+    logit_positions: tuple[int, ...]
+
+    def batched(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+def _ids(x: int | Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or t.dim() > 1:
+        raise InputError(f"{what} must be a token id or a 1-D tensor/list of ids (one per prompt), got {t.dtype} "
+                         f"{tuple(t.shape)}; get ids with model.to_single_token(' Mary').")
+    return t.long()
+
+
+class _PositionMetric:
+    """A metric read at one position per prompt (int, or LongTensor [B] of per-prompt positions)."""
+
+    def __init__(self, pos: int | Sequence[int] | torch.Tensor = -1, per_prompt: bool = False) -> None:
+        p = torch.as_tensor(pos)
+        if p.dim() > 1 or p.dtype.is_floating_point:
+            raise InputError(f"pos must be an int or one int per prompt, got {tuple(p.shape)} {p.dtype}.")
+        self.pos = p.long()
+        self.per_prompt = per_prompt
+        # positions read, in the order batched() expects them; per-prompt positions index into this tuple
+        self.logit_positions: tuple[int, ...] = tuple(sorted(set(self.pos.reshape(-1).tolist())))
+        self._slot = torch.as_tensor([self.logit_positions.index(v) for v in self.pos.reshape(-1).tolist()])
+
+    def _rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [..., B, V] at each prompt's position -> [..., B]."""
+        raise NotImplementedError
+
+    def _reduce(self, v: torch.Tensor) -> torch.Tensor:  # [..., B] -> [..., B] or [...]
+        return v if self.per_prompt else v.mean(-1)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # [B, T, V] -> scalar or [B]
+        if self.pos.dim() == 0:
+            at = logits[:, int(self.pos)]
+        else:
+            at = logits[torch.arange(logits.shape[0], device=logits.device), self.pos.to(logits.device)]
+        return self._reduce(self._rows(at.float()))
+
+    def batched(self, logits: torch.Tensor) -> torch.Tensor:  # [P, B, n, V] -> [P] or [P, B]
+        if len(self.logit_positions) == 1:
+            at = logits[:, :, 0]
+        else:
+            B = logits.shape[1]
+            at = logits[:, torch.arange(B, device=logits.device), self._slot.to(logits.device).expand(B)]
+        return self._reduce(self._rows(at.float()))
+
+    def _per_row(self, t: torch.Tensor, B: int) -> torch.Tensor:
+        if t.dim() == 1 and t.shape[0] not in (1, B):
+            raise MetricError(f"{type(self).__name__} has {t.shape[0]} token ids but the batch has {B} prompts.")
+        return t
+
+
+class LogitDiff(_PositionMetric):
+    """logit[correct] - logit[wrong] at `pos` (IOI's metric), mean over prompts (or per prompt)."""
+
+    def __init__(self, correct: int | Sequence[int] | torch.Tensor, wrong: int | Sequence[int] | torch.Tensor,
+                 pos: int | Sequence[int] | torch.Tensor = -1, per_prompt: bool = False) -> None:
+        super().__init__(pos, per_prompt)
+        self.correct, self.wrong = _ids(correct, "correct"), _ids(wrong, "wrong")
+
+    def _rows(self, at: torch.Tensor) -> torch.Tensor:  # [..., B, V] -> [..., B]
+        B = at.shape[-2]
+        c = self._per_row(self.correct, B).to(at.device).expand(B)
+        w = self._per_row(self.wrong, B).to(at.device).expand(B)
+        idx = torch.arange(B, device=at.device)
+        return at[..., idx, c] - at[..., idx, w]
+
+
+class TokenProb(_PositionMetric):
+    """Probability (or log-probability with log=True) of `tokens` at `pos`, mean over prompts."""
+
+    def __init__(self, tokens: int | Sequence[int] | torch.Tensor, pos: int | Sequence[int] | torch.Tensor = -1,
+                 log: bool = False, per_prompt: bool = False) -> None:
+        super().__init__(pos, per_prompt)
+        self.tokens, self.log = _ids(tokens, "tokens"), log
+
+    def _rows(self, at: torch.Tensor) -> torch.Tensor:
+        B = at.shape[-2]
+        t = self._per_row(self.tokens, B).to(at.device).expand(B)
+        lp = torch.log_softmax(at, dim=-1)[..., torch.arange(B, device=at.device), t]
+        return lp if self.log else lp.exp()
+
+
+class KLDivergence(_PositionMetric):
+    """KL(reference || patched) of the next-token distributions at `pos`, mean over prompts.
+
+    reference: logits [B, T, V] (read at pos) or [B, V], typically the clean run's logits."""
+
+    def __init__(self, reference: torch.Tensor, pos: int | Sequence[int] | torch.Tensor = -1,
+                 per_prompt: bool = False) -> None:
+        super().__init__(pos, per_prompt)
+        if reference.dim() == 3:
+            ref = _PositionMetric(pos)
+            reference = (reference[:, int(ref.pos)] if ref.pos.dim() == 0 else
+                         reference[torch.arange(reference.shape[0]), ref.pos.to(reference.device)])
+        if reference.dim() != 2:
+            raise InputError(f"KLDivergence reference must be logits [B, T, V] or [B, V], got {tuple(reference.shape)}.")
+        self.ref_logp = torch.log_softmax(reference.detach().float(), dim=-1)  # [B, V]
+
+    def _rows(self, at: torch.Tensor) -> torch.Tensor:
+        ref = self.ref_logp.to(at.device)
+        if ref.shape[0] != at.shape[-2]:
+            raise MetricError(f"KLDivergence reference has {ref.shape[0]} prompts but the batch has {at.shape[-2]}.")
+        return (ref.exp() * (ref - torch.log_softmax(at, dim=-1))).sum(-1)
+
+
+def _check_metric_value(v: Any, B: int, what: str) -> torch.Tensor:
+    if isinstance(v, (int, float)):
+        v = torch.tensor(float(v))
+    if not isinstance(v, torch.Tensor):
+        raise MetricError(f"The metric returned {type(v).__name__} on the {what}; it must return a scalar tensor "
+                          f"(or one value per prompt, shape [{B}]).")
+    if v.numel() == 1 and v.dim() <= 1:
+        v = v.reshape(())
+    elif tuple(v.shape) != (B,):
+        raise MetricError(f"The metric returned shape {tuple(v.shape)} on the {what}; it must return a scalar "
+                          f"(e.g. .mean() over prompts) or one value per prompt, shape [{B}].")
+    if not bool(torch.isfinite(v).all()):
+        raise MetricError(f"The metric returned a non-finite value ({v.tolist()}) on the {what}.")
+    return v.detach().float()
+
+
+# ============================================================================ prompts
+
+
+def align_prompts(model: HookedTransformer, clean: Sequence[str], corrupted: Sequence[str],
+                  prepend_bos: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokenize clean/corrupted pairs of different token lengths so their ENDS line up: every prompt is
+    left-padded to the longest one. Returns (clean_tokens, corrupted_tokens, clean_mask, corrupted_mask),
+    each [B, T]; pass the masks as `attention_mask=(clean_mask, corrupted_mask)`.
+
+    Why left: the metric is usually read at the last token and the answer-relevant tokens sit near the
+    end. Positions are then "from the end": patching position t of a row whose clean prompt has padding
+    at t writes a padding activation into the corrupted run, so read results at padded positions with care."""
+    if isinstance(clean, str) or isinstance(corrupted, str) or len(clean) != len(corrupted):
+        raise PromptMismatchError("align_prompts takes two lists of prompts of the same length (one pair per row).")
+    toks, mask = model.to_tokens(list(clean) + list(corrupted), prepend_bos=prepend_bos, padding_side="left",
+                                 return_mask=True)
+    B = len(clean)
+    return toks[:B], toks[B:], mask[:B], mask[B:]
+
+
+def _tokenize_pair(model: HookedTransformer, clean: Prompts, corrupted: Prompts, attention_mask: Any,
+                   prepend_bos: bool | None):
+    """-> clean tokens, corrupted tokens [B, T], clean mask, corrupted mask ([B, T] or None)."""
+    texts = [isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], str))
+             for x in (clean, corrupted)]
+    if any(texts) and not all(texts):
+        raise InputError("Pass clean and corrupted both as text or both as token ids.")
+    if all(texts):
+        c = [clean] if isinstance(clean, str) else list(clean)
+        k = [corrupted] if isinstance(corrupted, str) else list(corrupted)
+        if len(c) != len(k):
+            raise PromptMismatchError(f"{len(c)} clean prompts but {len(k)} corrupted ones: give one corrupted "
+                                      "prompt per clean prompt.")
+        if attention_mask is not None:
+            raise InputError("attention_mask is only for token-id inputs; text is padded (left) automatically.")
+        toks, mask = model.to_tokens(c + k, prepend_bos=prepend_bos, padding_side="left", return_mask=True)
+        B = len(c)
+        lc, lk = mask[:B].sum(-1).tolist(), mask[B:].sum(-1).tolist()
+        bad = [i for i in range(B) if lc[i] != lk[i]]
+        if bad:
+            i = bad[0]
+            raise PromptMismatchError(
+                f"Clean and corrupted prompts must have the same number of tokens (patching compares them position "
+                f"by position); pair {i} has {lc[i]} vs {lk[i]} tokens: {model.to_str_tokens(c[i], prepend_bos)} vs "
+                f"{model.to_str_tokens(k[i], prepend_bos)} ({len(bad)} of {B} pairs differ). Choose corrupted words "
+                "with the same token count (e.g. other single-token names), or align the ends with "
+                "mechscope.circuits.patching.align_prompts(model, clean, corrupted) and pass its masks as "
+                "attention_mask=(clean_mask, corrupted_mask).")
+        return toks[:B], toks[B:], mask[:B], mask[B:]
+    if not isinstance(clean, torch.Tensor) or not isinstance(corrupted, torch.Tensor):
+        raise InputError("clean and corrupted must be text, lists of text or token ids [batch, pos].")
+    c = clean[None] if clean.dim() == 1 else clean
+    k = corrupted[None] if corrupted.dim() == 1 else corrupted
+    if c.shape != k.shape:
+        raise PromptMismatchError(
+            f"clean tokens {tuple(c.shape)} and corrupted tokens {tuple(k.shape)} differ in shape; patching needs "
+            "one corrupted prompt per clean prompt with the same number of tokens. For text pairs of different "
+            "lengths use mechscope.circuits.patching.align_prompts and pass attention_mask=(clean_mask, "
+            "corrupted_mask).")
+    mc, mk = attention_mask if isinstance(attention_mask, (tuple, list)) else (attention_mask, attention_mask)
+    return c, k, mc, mk
+
+
+# ============================================================================ hook resolution
+
+
+def _layer_of(model: HookedTransformer, name: str) -> int:
+    m = re.match(r"blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(1))
+    if name in _EMBED_HOOKS:
+        return -1
+    if name.startswith("ln_final."):
+        return model.cfg.n_layers
+    raise InputError(f"Cannot patch {name!r}: patch hooks inside the blocks, the embeddings or ln_final "
+                     "(the logits themselves are what the metric reads).")
+
+
+def resolve_hook(model: HookedTransformer, hook: str, layers: Sequence[int] | None = None) -> tuple[list[str], bool]:
+    """hook -> (hook names, swept over layers?). Accepts an exact name ('blocks.3.hook_resid_pre'), a
+    template with '{layer}' ('blocks.{layer}.attn.hook_z') or a TransformerLens short name ('resid_pre',
+    'z', 'pattern', 'mlp_post', 'embed', ...). Templates and per-layer short names sweep `layers`
+    (default: all)."""
+    if not isinstance(hook, str) or not hook:
+        raise HookNameError(f"hook must be a hook name, a '{{layer}}' template or a short name, got {hook!r}.")
+    L = model.cfg.n_layers
+    template: str | None = None
+    if "{layer}" in hook:
+        template = hook
+    elif hook in model.hook_dict:
+        if layers is not None:
+            raise InputError(f"layers= applies to swept hooks; {hook!r} is one hook point. Pass a short name "
+                             "('resid_pre') or a '{layer}' template to sweep layers.")
+        return [hook], False
+    else:
+        kind = hook.removeprefix("hook_")
+        try:
+            per_layer = act_name(kind, 0)
+        except Exception:  # noqa: BLE001 - act_name is only a guess here
+            per_layer = ""
+        if per_layer in model.hook_dict:
+            template = act_name(kind, 0).replace("blocks.0.", "blocks.{layer}.", 1)
+        elif act_name(kind) in model.hook_dict and "." not in kind:
+            if layers is not None:
+                raise InputError(f"{hook!r} is not a per-layer hook; drop layers=.")
+            return [act_name(kind)], False
+        else:
+            raise HookNameError(unknown_name_message("hook name", hook, model.hook_dict)
+                                + " Short names: resid_pre, resid_mid, resid_post, attn_out, mlp_out, q, k, v, "
+                                "z, result, pattern, attn_scores, mlp_pre, mlp_post; or a 'blocks.{layer}...' "
+                                "template.")
+    ls = list(range(L)) if layers is None else [int(x) + (L if int(x) < 0 else 0) for x in layers]
+    if not ls or any(not 0 <= x < L for x in ls):
+        raise InputError(f"layers must be non-empty and within [0, {L}), got {list(layers or [])}.")
+    try:
+        names = [template.format(layer=x) for x in ls]
+    except (KeyError, IndexError, ValueError):
+        raise HookNameError(f"Hook template {hook!r} must contain only the '{{layer}}' field.") from None
+    missing = [n for n in names if n not in model.hook_dict]
+    if missing:
+        raise HookNameError(unknown_name_message("hook name", missing[0], model.hook_dict))
+    return names, True
+
+
+def _axes(name: str, ndim: int, granularity: str) -> list[int]:
+    """Activation dims indexed by a patch, in output order. Layouts: [B, T, D] (resid, mlp, embed),
+    [B, T, H, E] (q/k/v/z/result), [B, H, Tq, Tk] (pattern, attn_scores)."""
+    short = name.rsplit(".", 1)[-1]
+    if short in _PATTERN_LIKE:
+        table = {"layer": [], "position": [2], "head": [1], "head_position": [1, 2]}
+    elif short in _PER_HEAD or ndim == 4:
+        table = {"layer": [], "position": [1], "head": [2], "head_position": [2, 1]}
+    else:
+        table = {"layer": [], "position": [1], "neuron": [ndim - 1]}
+    if granularity not in GRANULARITIES:
+        raise InputError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}.")
+    if granularity not in table:
+        if granularity in ("head", "head_position"):
+            raise InputError(f"{name!r} has no head dimension, so it cannot be patched per head. Per-head hooks: "
+                             "z (head outputs before W_O), result, q, k, v, pattern, attn_scores.")
+        raise InputError(f"granularity 'neuron' indexes the last dim of a [batch, pos, d] activation (resid, "
+                         f"attn_out, mlp_out, mlp_post ...); {name!r} is per head: use head or head_position.")
+    return table[granularity]
+
+
+def _pos_dim(name: str) -> int:
+    return 2 if name.rsplit(".", 1)[-1] in _PATTERN_LIKE else 1
+
+
+# ============================================================================ the batched engine
+
+
+class _PrefixKV:
+    """Stands in for a KVCache: prepends the unpatched run's keys/values of positions < p0 (the same for
+    every patch) to the keys/values computed for positions >= p0."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], p0: int) -> None:
+        self.k, self.v, self.p0 = keys, values, p0
+
+    def _cat(self, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        B = prefix.shape[0]
+        R, Tn = new.shape[:2]
+        out = new.new_empty((R, self.p0 + Tn, *new.shape[2:]))
+        out.view(R // B, B, *out.shape[1:])[:, :, : self.p0] = prefix[:, : self.p0]
+        out[:, self.p0 :] = new
+        return out
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cat(self.k[layer], k), self._cat(self.v[layer], v)
+
+
+class _RecordKV:
+    """Stands in for a KVCache in the unpatched run: records each layer's keys/values as attention uses them."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.k: list[torch.Tensor] = [torch.empty(0)] * n_layers
+        self.v: list[torch.Tensor] = [torch.empty(0)] * n_layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+@dataclass
+class _Base:
+    """The unpatched run of the prompts being patched (the corrupted ones when denoising)."""
+
+    tokens: torch.Tensor  # [B, T]
+    mask: torch.Tensor | None  # [B, T]
+    logits: torch.Tensor  # [B, n, V] at the metric's positions
+    resid: list[torch.Tensor]  # n_layers + 1 x [B, T, D]: the input of each block, then of ln_final
+    kv: _RecordKV
+    acts: dict[str, torch.Tensor]  # the activations of the patched hook points
+
+
+def _logits_at(model: HookedTransformer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Final residual (after ln_final) [N, T, D] -> logits [N, len(idx), V] at positions idx: the tail of
+    HookedTransformer.forward, restricted to the positions a metric reads."""
+    c = model.cfg
+    x = x[:, idx]
+    logits = model.unembed(model.mlm_head(x) if c.mlm_head else x)
+    if c.final_softcap is not None:
+        logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
+    return model.hook_unembed(logits)
+
+
+def _base_run(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor | None, names: list[str]) -> _Base:
+    """HookedTransformer.forward, keeping the activations at `names`, each block's input residual and the
+    keys/values: the parts of an unpatched run that patched runs share. The clean and the corrupted runs
+    both go through here, so activations that should agree (before the first differing token) agree
+    bit for bit."""
+    c = model.cfg
+    B, T = tokens.shape
+    acts: dict[str, torch.Tensor] = {}
+    with model.hooks(fwd_hooks=[(n, lambda x, hook: acts.__setitem__(hook.name, x)) for n in names]):
+        positions = model._positions(mask, B, T, 0)
+        x = model._embed(tokens, positions, None)
+        masks, rot, kv = model._attn_masks(mask, T, T), model._rotary(positions, x.dtype), _RecordKV(c.n_layers)
+        resid = []
+        for block in model.blocks:
+            resid.append(x)
+            sliding = c.is_sliding(block.layer)
+            x = block(x, None if rot is None else rot[sliding], masks[sliding], kv)
+        resid.append(x)
+        if c.final_norm:
+            x = model.ln_final(x)
+    return _Base(tokens, mask, _logits_at(model, x, torch.arange(T, device=x.device)), resid, kv, acts)
+
+
+def _run_patched(model: HookedTransformer, base: _Base, join: torch.Tensor, p0: int, need: torch.Tensor,
+                 ) -> torch.Tensor:
+    """Forward len(join) copies of the base prompts from position p0, copy i joining the batch at block
+    join[i] (-1 = at the embedding, n_layers = at ln_final; join is sorted), with the unpatched run's
+    residual there. Rows are copy-major (row = i * B + prompt), so the rows alive at any block are a
+    prefix of the batch and no block runs a copy it cannot change. Returns logits [len(join) * B,
+    len(need), V] at the absolute positions `need` (those < p0 are the unpatched run's)."""
+    c = model.cfg
+    B, T = base.tokens.shape
+    n, Tn = len(join), T - p0
+    N = n * B
+    mask = base.mask.repeat(n, 1) if base.mask is not None else None
+    positions = model._positions(mask, N, Tn, p0)
+    masks = model._attn_masks(mask, Tn, T)
+    rot = model._rotary(positions, base.resid[0].dtype)
+    kv = _PrefixKV(base.kv.k, base.kv.v, p0) if p0 > 0 else None
+    ends = torch.searchsorted(join, torch.arange(-1, c.n_layers + 1), right=True).tolist()  # alive rows / B
+
+    def grow(x: torch.Tensor | None, point: int) -> torch.Tensor | None:
+        have = 0 if x is None else x.shape[0] // B
+        k = ends[point + 1] - have
+        if k == 0:
+            return x
+        if point < 0:
+            new = model._embed(base.tokens[:, p0:].repeat(k, 1), positions[: k * B], None)
+        else:
+            new = base.resid[point][:, p0:].repeat(k, 1, 1)
+        return new if x is None else torch.cat([x, new])
+
+    def rows(t: torch.Tensor | None, R: int) -> torch.Tensor | None:
+        return t[:R] if t is not None and t.shape[0] == N and R < N else t
+
+    x = grow(None, -1)
+    for block in model.blocks:
+        x = grow(x, block.layer)
+        if x is None:
+            continue
+        R = x.shape[0]
+        sliding = c.is_sliding(block.layer)
+        r = None if rot is None else tuple(rows(t, R) for t in rot[sliding])
+        x = block(x, r, rows(masks[sliding], R), kv)
+    x = grow(x, c.n_layers)
+    if c.final_norm:
+        x = model.ln_final(x)
+    hi = need >= p0
+    if bool(hi.all()):
+        return _logits_at(model, x, need - p0)
+    out = x.new_empty((N, len(need), base.logits.shape[-1]))  # the metric reads positions before any patch
+    if bool(hi.any()):
+        out[:, hi] = _logits_at(model, x, need[hi] - p0)
+    lo = (~hi).nonzero().squeeze(-1)
+    out.view(n, B, *out.shape[1:])[:, :, lo] = base.logits[:, lo]
+    return out
+
+
+def _bytes_per_row(model: HookedTransformer, T: int, n_logits: int, eager: bool) -> int:
+    """Rough peak bytes one patched row costs in a forward: a block's live activations, the keys/values,
+    the (eager) attention scores and the logits the metric reads (with its log-softmax)."""
+    c = model.cfg
+    elt = torch.finfo(model.dtype).bits // 8
+    per_pos = 10 * c.d_model + 4 * c.d_mlp + 4 * (c.n_heads + 2 * c.n_kv_heads) * c.d_head
+    attn = (3 if eager else 1) * c.n_heads * T
+    return elt * T * (per_pos + attn) + 4 * n_logits * c.d_vocab * 3
+
+
+def _default_patches_per_batch(model: HookedTransformer, B: int, T: int, row_bytes: int) -> int:
+    """Memory-bounded: half the free memory on CUDA; 1 GiB on CPU, where batches are also capped at
+    ~8k tokens (a CPU matmul is as efficient at a few thousand rows as at more, and smaller batches
+    group patches of nearer positions, so less is recomputed)."""
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        return max(1, int(0.5 * free) // (row_bytes * B))
+    return max(1, min((1 << 30) // (row_bytes * B), 8192 // (B * T)))
+
+
+def _plan(site_layer: torch.Tensor, start: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Split patch ids into batches of <= n patches. A batch takes whole groups of patches that start at
+    the same position (so no row recomputes positions its patch cannot change), merging consecutive
+    groups while they fit; inside a batch, patches are sorted by layer (rows join as their layer comes)."""
+    key = start * (int(site_layer.max()) + 2) + site_layer + 1
+    order = torch.argsort(key, stable=True)
+    groups = torch.split(order, torch.unique_consecutive(start[order], return_counts=True)[1].tolist())
+    chunks: list[torch.Tensor] = []
+    cur: list[torch.Tensor] = []
+    size = 0
+    for g in groups:  # one iteration per distinct start position
+        if cur and size + len(g) > n:
+            chunks.append(torch.cat(cur))
+            cur, size = [], 0
+        if len(g) > n:
+            chunks += list(g.split(n))
+            continue
+        cur.append(g)
+        size += len(g)
+    if cur:
+        chunks.append(torch.cat(cur))
+    return [ch[torch.argsort(site_layer[ch], stable=True)] for ch in chunks]
+
+
+def activation_patching(
+    model: HookedTransformer,
+    clean: Prompts,
+    corrupted: Prompts,
+    metric: Callable[[torch.Tensor], torch.Tensor],
+    hook: str = "resid_pre",
+    granularity: Granularity = "position",
+    *,
+    direction: Direction = "denoise",
+    normalize: bool = False,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    attention_mask: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    prepend_bos: bool | None = None,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+    reuse_prefix: bool = True,
+    skip_unchanged: bool = True,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """The metric after patching each activation of a sweep from one run into the other.
+
+    model: a HookedTransformer with an unembedding. clean, corrupted: text, lists of text or token ids
+    [B, T] of the same shape (different token lengths raise PromptMismatchError; see align_prompts).
+    metric: logits [B, T, V] -> scalar (or [B] per prompt: the result then ends with a prompt dim [.., B]);
+    LogitDiff / TokenProb / KLDivergence are fast (only the positions they read are unembedded).
+    hook: a short name ('resid_pre', 'resid_mid', 'resid_post', 'attn_out', 'mlp_out', 'z', 'result', 'q',
+    'k', 'v', 'pattern', 'attn_scores', 'mlp_pre', 'mlp_post', 'embed') or a 'blocks.{layer}....' template,
+    swept over `layers` (default all): the result starts with a layer dim; or one exact hook name: no layer
+    dim. granularity: 'layer' (the whole activation) -> [L]; 'position' -> [L, pos] (query position for
+    patterns); 'head' -> [L, head] (kv heads for k/v under GQA); 'head_position' -> [L, head, pos];
+    'neuron' (last dim of [B, T, d] activations) -> [L, d]. positions: restrict the patched positions
+    (the pos dim then follows this list).
+    direction: 'denoise' runs the corrupted prompts with clean activations patched in (how much of the
+    clean behaviour one activation restores); 'noise' runs the clean prompts with corrupted activations
+    (how much is lost without it). normalize=True returns (m - m_corrupted) / (m_clean - m_corrupted): 1 =
+    clean behaviour, 0 = corrupted behaviour, in both directions.
+    attention_mask: [B, T] for both runs, or (clean_mask, corrupted_mask) from align_prompts.
+    batch_size: patches per forward pass (each is B rows); default from max_memory (bytes; default 1 GiB on
+    CPU, half the free memory on CUDA). reuse_prefix=False runs every patch through the whole model;
+    skip_unchanged=False also runs patches whose source values equal the values they replace (e.g. at
+    positions before the first token where clean and corrupted differ), whose result is otherwise the
+    unpatched run's metric. Both are for checking: the results agree up to float rounding.
+    """
+    if direction not in ("denoise", "noise"):
+        raise InputError(f"direction must be 'denoise' (clean -> corrupted run) or 'noise' (corrupted -> clean "
+                         f"run), got {direction!r}.")
+    if not callable(metric):
+        raise MetricError(f"metric must be callable (logits [B, T, V] -> scalar), got {type(metric).__name__}.")
+    if not model.cfg.has_unembed:
+        raise InputError(f"{model.cfg.architecture} has no unembedding: patching metrics read logits.")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size (patches per forward pass) must be a positive int, got {batch_size!r}.")
+    c_tok, k_tok, c_mask, k_mask = _tokenize_pair(model, clean, corrupted, attention_mask, prepend_bos)
+    c_tok, c_mask = model._prepare(c_tok, c_mask, None, "right")
+    k_tok, k_mask = model._prepare(k_tok, k_mask, None, "right")
+    src_tok, src_mask, base_tok, base_mask = ((c_tok, c_mask, k_tok, k_mask) if direction == "denoise"
+                                              else (k_tok, k_mask, c_tok, c_mask))
+    B, T = base_tok.shape
+    names, swept = resolve_hook(model, hook, layers)
+    name_layer = torch.tensor([_layer_of(model, n) for n in names])  # validates: no patching of the logits
+    axes = _axes(names[0], 4 if names[0].rsplit(".", 1)[-1] in _PER_HEAD + _PATTERN_LIKE else 3, granularity)
+    pd = _pos_dim(names[0])
+    pos_vals = torch.arange(T)
+    if positions is not None:
+        if pd not in axes:
+            raise InputError(f"positions= restricts position sweeps; granularity {granularity!r} has no position.")
+        pos_vals = torch.tensor([int(p) % T if -T <= int(p) < T else T for p in positions], dtype=torch.long)
+        if len(pos_vals) == 0 or bool((pos_vals >= T).any()):
+            raise InputError(f"positions must be non-empty and within [-{T}, {T}), got {list(positions)}.")
+    if isinstance(metric, BatchedMetric):
+        raw = [int(p) for p in metric.logit_positions]
+        if any(not -T <= p < T for p in raw):
+            raise MetricError(f"The metric reads positions {raw} but the prompts have {T} tokens.")
+        need = torch.tensor([p % T for p in raw], device=model.device)
+    else:
+        need = torch.arange(T, device=model.device)
+
+    with torch.inference_mode():
+        # ---- the two unpatched runs: baselines, source activations, the shared prefix of patched runs
+        src = _base_run(model, src_tok, src_mask, names)
+        base = _base_run(model, base_tok, base_mask, names)
+        runs = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
+        m_src = _check_metric_value(metric(src.logits), B, f"{runs[0]} run")
+        m_base = _check_metric_value(metric(base.logits), B, f"{runs[1]} run")
+        if m_src.shape != m_base.shape:
+            raise MetricError("The metric returned a scalar on one run and per-prompt values on the other.")
+        per_prompt = m_base.dim() == 1
+        base.logits = base.logits[:, need]
+        src_acts = [src.acts[n] for n in names]
+        del src
+
+        # ---- the patches: site (hook) and one coordinate per patched axis, [P] each
+        grids = [torch.arange(len(names))] + [pos_vals if d == pd else torch.arange(src_acts[0].shape[d])
+                                              for d in axes]
+        site, *coords = (g.reshape(-1) for g in torch.meshgrid(*grids, indexing="ij"))
+        P = len(site)
+        todo = torch.arange(P)
+        if skip_unchanged:  # a patch writing the values already there is the unpatched run: not run
+            changed = torch.stack([_changed(a, base.acts[n], axes) for a, n in zip(src_acts, names)]).cpu()
+            todo = changed[(site, *coords)].nonzero().squeeze(-1)
+        base.acts = {}
+        # where each patch's rows join the batch (its layer) and the first position it can change
+        join = name_layer[site] if reuse_prefix else torch.full((P,), -1, dtype=torch.long)
+        causal = reuse_prefix and model.cfg.causal and pd in axes
+        start = coords[axes.index(pd)] if causal else torch.zeros(P, dtype=torch.long)
+        if batch_size is None:
+            row_bytes = _bytes_per_row(model, T, len(need), names[0].rsplit(".", 1)[-1] in _PATTERN_LIKE)
+            batch_size = (max(1, int(max_memory) // (row_bytes * B)) if max_memory is not None
+                          else _default_patches_per_batch(model, B, T, row_bytes))
+        chunks = [todo[ch] for ch in _plan(join[todo], start[todo], batch_size)] if len(todo) else []
+
+        # ---- the sweep: one forward pass per batch of patches
+        values = m_base.to(model.device).expand((P, B) if per_prompt else (P,)).clone()
+        from tqdm.auto import tqdm
+
+        show = len(chunks) > 4 if progress is None else progress
+        dev = model.device
+        for ids in tqdm(chunks, desc=f"patching {hook}", disable=not show, leave=False):
+            n, p0 = len(ids), int(start[ids].min())  # ids are sorted by join layer
+            rows = (torch.arange(n)[:, None] * B + torch.arange(B)).to(dev)  # [n, B]: patch-major
+            hooks = []
+            for s in torch.unique(site[ids]).tolist():  # one hook per patched layer, all its patches at once
+                sel = (site[ids] == s).to(dev)
+                r = rows[sel].reshape(-1)
+                at = [(d, c[ids].to(dev)[sel].repeat_interleave(B) - (p0 if d == pd else 0))
+                      for d, c in zip(axes, coords)]
+                hooks.append((names[s], _patch_hook(src_acts[s].narrow(pd, p0, T - p0), r, r % B, at)))
+            with model.hooks(fwd_hooks=hooks):
+                logits = _run_patched(model, base, join[ids], p0, need)  # [n * B, len(need), V]
+            grouped = logits.view(n, B, *logits.shape[1:])
+            if isinstance(metric, BatchedMetric):
+                v = metric.batched(grouped)
+                if tuple(v.shape) != ((n, B) if per_prompt else (n,)):
+                    raise MetricError(f"metric.batched returned shape {tuple(v.shape)}, expected "
+                                      f"{(n, B) if per_prompt else (n,)}.")
+            else:  # a plain callable: once per patch, on the final logits only
+                v = torch.stack([_check_metric_value(metric(g), B, "patched run") for g in grouped])
+            values[ids.to(dev)] = v.float()
+
+    if not bool(torch.isfinite(values).all()):
+        raise MetricError("The metric returned a non-finite value on some patched runs.")
+    if normalize:
+        m_clean, m_corr = (m_src, m_base) if direction == "denoise" else (m_base, m_src)
+        denom = m_clean - m_corr
+        if bool((denom.abs() < 1e-12).any()):
+            raise MetricError(f"normalize=True divides by metric(clean) - metric(corrupted) = {denom.tolist()}: the "
+                              "corruption does not change the metric, so there is nothing to restore.")
+        values = (values - m_corr) / denom
+    shape = ([len(names)] if swept else []) + [len(g) for g in grids[1:]] + ([B] if per_prompt else [])
+    return values.reshape(shape)
+
+
+def _changed(src: torch.Tensor, base: torch.Tensor, axes: list[int]) -> torch.Tensor:
+    """Which patches would change anything: bool [size of each axis, in axes order], True where src
+    and base differ somewhere in the patched region (any prompt)."""
+    ne = src != base
+    red = tuple(d for d in range(ne.dim()) if d not in axes)
+    ch = ne.any(dim=red) if red else ne
+    kept = [d for d in range(ne.dim()) if d in axes]
+    return ch.permute([kept.index(a) for a in axes]) if axes else ch
+
+
+def _patch_hook(src: torch.Tensor, rows: torch.Tensor, prompts: torch.Tensor, coords: list[tuple[int, torch.Tensor]]):
+    """A hook writing src[prompt, coords] into act[row, coords] for all (row, coords) at once."""
+    ndim = src.dim()
+    dst_idx: list[Any] = [slice(None)] * ndim
+    src_idx: list[Any] = [slice(None)] * ndim
+    dst_idx[0], src_idx[0] = rows, prompts
+    for d, v in coords:
+        dst_idx[d] = src_idx[d] = v
+    dst_t, src_t = tuple(dst_idx), tuple(src_idx)
+    values = src[src_t]
+
+    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        out = act.clone()
+        out[dst_t] = values.to(act.dtype)
+        return out
+
+    return hook
+
+
+# ============================================================================ helpers by component
+
+
+def patch_resid(model: HookedTransformer, clean: Prompts, corrupted: Prompts, metric: Callable,
+                which: Literal["pre", "mid", "post"] = "pre", granularity: Granularity = "position",
+                **kwargs: Any) -> torch.Tensor:
+    """Residual stream patching ([n_layers, pos] by default): where does the information live?"""
+    return activation_patching(model, clean, corrupted, metric, f"resid_{which}", granularity, **kwargs)
+
+
+def patch_attn_out(model: HookedTransformer, clean: Prompts, corrupted: Prompts, metric: Callable,
+                   granularity: Granularity = "position", **kwargs: Any) -> torch.Tensor:
+    """Attention layer outputs (hook_attn_out), [n_layers, pos] by default."""
+    return activation_patching(model, clean, corrupted, metric, "attn_out", granularity, **kwargs)
+
+
+def patch_mlp_out(model: HookedTransformer, clean: Prompts, corrupted: Prompts, metric: Callable,
+                  granularity: Granularity = "position", **kwargs: Any) -> torch.Tensor:
+    """MLP layer outputs (hook_mlp_out), [n_layers, pos] by default."""
+    return activation_patching(model, clean, corrupted, metric, "mlp_out", granularity, **kwargs)
+
+
+def patch_head_out(model: HookedTransformer, clean: Prompts, corrupted: Prompts, metric: Callable,
+                   granularity: Granularity = "head", **kwargs: Any) -> torch.Tensor:
+    """Per-head outputs (hook_z, i.e. before W_O), [n_layers, n_heads] by default."""
+    return activation_patching(model, clean, corrupted, metric, "z", granularity, **kwargs)
+
+
+def patch_head_components(model: HookedTransformer, clean: Prompts, corrupted: Prompts, metric: Callable,
+                          granularity: Granularity = "head",
+                          components: Sequence[str] = ("z", "q", "k", "v", "pattern"),
+                          **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Every per-head component: {"z": [L, H], "q": [L, H], "k": [L, K], "v": [L, K], "pattern": [L, H]}
+    (k/v have n_kv_heads under GQA, hence a dict, not a stacked tensor)."""
+    return {c: activation_patching(model, clean, corrupted, metric, c, granularity, **kwargs) for c in components}
+
+
+def patch_block_components(model: HookedTransformer, clean: Prompts, corrupted: Prompts, metric: Callable,
+                           granularity: Granularity = "position", **kwargs: Any) -> dict[str, torch.Tensor]:
+    """resid_pre, attn_out and mlp_out (mlp_out absent for attention-only models), [L, pos] each."""
+    parts = ["resid_pre", "attn_out"] + ([] if model.cfg.attn_only else ["mlp_out"])
+    return {p: activation_patching(model, clean, corrupted, metric, p, granularity, **kwargs) for p in parts}

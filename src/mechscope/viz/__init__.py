@@ -1,0 +1,16 @@
+"""Plots (PNG bytes + the plotted data) and, later, the HTML report built from them."""
+
+from mechscope.viz.plots import (
+    DPI,
+    Plot,
+    circuit_graph,
+    dla_bars,
+    head_grid,
+    lens_kl_curve,
+    lens_table,
+    lens_table_from_result,
+    patching_heatmap,
+)
+
+__all__ = ["DPI", "Plot", "circuit_graph", "dla_bars", "head_grid", "lens_kl_curve", "lens_table",
+           "lens_table_from_result", "patching_heatmap"]
