@@ -209,8 +209,10 @@ def main() -> None:
           f"max |ours - loop| = {diff:.2e} (required <= {TOL:g})")
     norm = (got - base.corrupted) / (base.clean - base.corrupted)
     best = divmod(int(norm.argmax()), T)
-    print(f"# strongest restoration: layer {layers[best[0]]}, position {best[1]} "
-          f"({model.to_str_tokens(clean[0])[best[1]]!r}): {float(norm.max()):.2f} of the clean logit diff")
+    roles = ", ".join(f"{k} in {int((v == best[1]).sum())} of {B} prompts" for k, v in task.positions.items()
+                      if bool((v == best[1]).any()))
+    print(f"# strongest restoration: layer {layers[best[0]]}, position {best[1]} ({roles or 'no named role'}): "
+          f"{float(norm.max()):.2f} of the clean logit diff")
     print_header("ours", "peer")
     print_row(f"resid_pre sweep {len(layers)}x{T} (s) vs loop our hooks", t["ours"], t["loop"])
     print_row("same, skip_unchanged=False (s) vs loop", t["ours_all"], t["loop"])

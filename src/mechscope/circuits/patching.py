@@ -474,36 +474,38 @@ def _bytes_per_row(model: HookedTransformer, T: int, n_logits: int, eager: bool)
 
 def _default_patches_per_batch(model: HookedTransformer, B: int, T: int, row_bytes: int) -> int:
     """Memory-bounded: half the free memory on CUDA; 1 GiB on CPU, where batches are also capped at
-    ~8k tokens (a CPU matmul is as efficient at a few thousand rows as at more, and smaller batches
-    group patches of nearer positions, so less is recomputed)."""
+    8k tokens (CPU matmuls gain nothing from more rows)."""
     if model.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(model.device)
         return max(1, int(0.5 * free) // (row_bytes * B))
     return max(1, min((1 << 30) // (row_bytes * B), 8192 // (B * T)))
 
 
-def _plan(site_layer: torch.Tensor, start: torch.Tensor, n: int) -> list[torch.Tensor]:
+def _plan(join: torch.Tensor, start: torch.Tensor, n: int, B: int, T: int, min_tokens: float) -> list[torch.Tensor]:
     """Split patch ids into batches of <= n patches. A batch takes whole groups of patches that start at
-    the same position (so no row recomputes positions its patch cannot change), merging consecutive
-    groups while they fit; inside a batch, patches are sorted by layer (rows join as their layer comes)."""
-    key = start * (int(site_layer.max()) + 2) + site_layer + 1
-    order = torch.argsort(key, stable=True)
+    the same position, so no row recomputes positions its patch cannot change; consecutive groups are
+    merged (the later ones then recompute a few positions) only while the batch holds fewer than
+    min_tokens tokens (B x positions per patch): small batches waste a GPU, while a CPU is efficient
+    from a few hundred tokens on. Inside a batch patches are sorted by layer: rows join as it comes."""
+    order = torch.argsort(start * (int(join.max()) + 2) + join + 1, stable=True)
     groups = torch.split(order, torch.unique_consecutive(start[order], return_counts=True)[1].tolist())
     chunks: list[torch.Tensor] = []
     cur: list[torch.Tensor] = []
-    size = 0
+    size, p0 = 0, 0
     for g in groups:  # one iteration per distinct start position
-        if cur and size + len(g) > n:
+        if cur and (size + len(g) > n or size * B * (T - p0) >= min_tokens):
             chunks.append(torch.cat(cur))
             cur, size = [], 0
         if len(g) > n:
             chunks += list(g.split(n))
             continue
+        if not cur:
+            p0 = int(start[g[0]])
         cur.append(g)
         size += len(g)
     if cur:
         chunks.append(torch.cat(cur))
-    return [ch[torch.argsort(site_layer[ch], stable=True)] for ch in chunks]
+    return [ch[torch.argsort(join[ch], stable=True)] for ch in chunks]
 
 
 def activation_patching(
@@ -616,7 +618,8 @@ def activation_patching(
             row_bytes = _bytes_per_row(model, T, len(need), names[0].rsplit(".", 1)[-1] in _PATTERN_LIKE)
             batch_size = (max(1, int(max_memory) // (row_bytes * B)) if max_memory is not None
                           else _default_patches_per_batch(model, B, T, row_bytes))
-        chunks = [todo[ch] for ch in _plan(join[todo], start[todo], batch_size)] if len(todo) else []
+        min_tokens = 512 if model.device.type == "cpu" else float("inf")
+        chunks = [todo[ch] for ch in _plan(join[todo], start[todo], batch_size, B, T, min_tokens)] if len(todo) else []
 
         # ---- the sweep: one forward pass per batch of patches
         values = m_base.to(model.device).expand((P, B) if per_prompt else (P,)).clone()
