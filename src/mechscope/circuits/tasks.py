@@ -96,13 +96,36 @@ class Task:
 
 @dataclass(kw_only=True)
 class LogitDiffTask(Task):
-    """Metric: logit(answer) - logit(wrong answer) at the answer position (IOI, factual recall)."""
+    """Metric: logit(answer) - logit(wrong answer) at the answer position (IOI, factual recall).
+
+    `metric` is a `circuits.patching.LogitDiff`: the same value as the mean of metric_per_prompt, but it
+    declares the position it reads, so patching sweeps unembed only that position (one of T)."""
+
+    @property
+    def metric(self):  # type: ignore[override]  # a callable object instead of a method: same calls
+        from mechscope.circuits.patching import LogitDiff
+
+        return _CheckedLogitDiff(self, LogitDiff(self.answers, self.wrong_answers, self.answer_pos))
 
     def metric_per_prompt(self, logits: torch.Tensor) -> torch.Tensor:  # [B, T, V] -> [B]
         at = self._at_answer(logits)  # [B, V]
         right = at.gather(1, self.answers.to(at.device)[:, None])
         wrong = at.gather(1, self.wrong_answers.to(at.device)[:, None])
         return (right - wrong)[:, 0]
+
+
+class _CheckedLogitDiff:
+    """LogitDiff with the task's shape check on direct calls; `batched` / `logit_positions` pass through."""
+
+    def __init__(self, task: Task, inner: Any) -> None:
+        self.task, self.inner = task, inner
+        self.logit_positions = inner.logit_positions
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # [B, T, V] -> scalar
+        return self.inner(self.task._check(logits))
+
+    def batched(self, logits: torch.Tensor) -> torch.Tensor:  # [P, B, n, V] -> [P]
+        return self.inner.batched(logits)
 
 
 @dataclass(kw_only=True)
