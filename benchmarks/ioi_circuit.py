@@ -48,6 +48,9 @@ t = time.time()
 act_h = activation_patching(model, c, x, metric, hook="result", granularity="head", direction="noise") - m_clean  # [L, H]
 act_m = activation_patching(model, c, x, metric, hook="mlp_out", granularity="layer", direction="noise") - m_clean  # [L]
 print(f"activation patching {time.time()-t:.1f}s")
+order = act_h.flatten().abs().argsort(descending=True)[:10]
+print("heads that matter (noising, metric change):",
+      " ".join(f"L{int(i) // act_h.shape[1]}H{int(i) % act_h.shape[1]}:{float(act_h.flatten()[i]):+.3f}" for i in order))
 attr_h = attribution_patching(model, c, x, metric, hook="result", granularity="head", direction="noise", delta=True)
 act = torch.cat([act_h.flatten(), act_m.flatten()]).cpu()
 for label, sc in (("eap-ig", torch.cat([ig.head_scores().flatten(), ig.mlp_scores()])),
