@@ -38,27 +38,16 @@ latent is dead within a benchmark, fp32, CPU, torch.set_num_threads(--threads)):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import time
 import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _sae_worker import rss, serve  # noqa: E402  (stdlib only: importable from the peer venv)
 
 warnings.filterwarnings("ignore")
-
-
-def rss(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reply(obj) -> None:
-    sys.__stdout__.write(json.dumps(obj) + "\n")
-    sys.__stdout__.flush()
 
 
 def make_batches(n_batches: int, batch: int, d_in: int, seed: int):
@@ -148,48 +137,6 @@ def build_saelens(a, torch, sparse: bool):
     return step
 
 
-def op_key(e) -> str:
-    """Profiler row name; matmuls get their operand shapes (the encoder GEMM vs sparse products)."""
-    if e.key in ("aten::addmm", "aten::mm", "aten::bmm") and e.input_shapes:
-        mats = [s for s in e.input_shapes if len(s) == 2][:2]
-        return f"{e.key} " + "@".join("x".join(map(str, s)) for s in mats)
-    return e.key
-
-
-def serve(step, xs, torch, rss_base: float) -> None:
-    """The worker loop shared by every candidate (the project side has a copy in sae_train.py)."""
-    counter = {"i": 0}
-
-    def one():
-        x = xs[counter["i"] % xs.shape[0]]
-        counter["i"] += 1
-        step(x)
-
-    reply({"ready": True, "rss_base_mib": rss_base})
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd:
-            continue
-        if cmd[0] == "run":
-            times = []
-            for _ in range(int(cmd[1])):
-                t0 = time.perf_counter()
-                one()
-                times.append(time.perf_counter() - t0)
-            reply({"times": times})
-        elif cmd[0] == "profile":
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                one()
-            ev = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 200]
-            reply({"ops": [[op_key(e), e.self_cpu_time_total / 1000, e.count] for e in ev]})
-        elif cmd[0] == "rss":
-            reply({"rss_mib": rss("VmRSS:"), "peak_mib": rss("VmHWM:")})
-        elif cmd[0] == "quit":
-            break
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tool", required=True, choices=["sparsify", "saelens", "saelens-sparse"])
@@ -213,7 +160,7 @@ def main() -> None:
         step = build_sparsify(a, torch)
     else:
         step = build_saelens(a, torch, sparse=a.tool == "saelens-sparse")
-    serve(step, xs, torch, base)
+    serve(step, xs, base)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "src"))  # benchmark this working tree, whatever is installed
+from _sae_worker import rss, serve  # noqa: E402
 from common import PEER_VENVS, print_header, print_row  # noqa: E402
 
 OURS = ("ours-ref-fp32", "ours-fast-fp32", "ours-fast-fp32-adam", "ours-fast-bf16")
@@ -51,19 +51,6 @@ PEERS = ("sparsify", "saelens", "saelens-sparse")
 
 
 # ---------------------------------------------------------------------------- worker side (project env)
-
-
-def _rss(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reply(obj) -> None:
-    sys.__stdout__.write(json.dumps(obj) + "\n")
-    sys.__stdout__.flush()
 
 
 def build_ours(name: str, a):
@@ -90,48 +77,6 @@ def build_ours(name: str, a):
     return step
 
 
-def op_key(e) -> str:
-    """Profiler row name; matmuls get their operand shapes (the encoder GEMM vs sparse products)."""
-    if e.key in ("aten::addmm", "aten::mm", "aten::bmm") and e.input_shapes:
-        mats = [s for s in e.input_shapes if len(s) == 2][:2]
-        return f"{e.key} " + "@".join("x".join(map(str, s)) for s in mats)
-    return e.key
-
-
-def serve(step, xs, rss_base: float) -> None:
-    """Worker loop (a copy lives in _peer_sae_train.py): run N | profile | rss | quit, JSON replies."""
-    counter = {"i": 0}
-
-    def one():
-        x = xs[counter["i"] % xs.shape[0]]
-        counter["i"] += 1
-        step(x)
-
-    _reply({"ready": True, "rss_base_mib": rss_base})
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd:
-            continue
-        if cmd[0] == "run":
-            times = []
-            for _ in range(int(cmd[1])):
-                t0 = time.perf_counter()
-                one()
-                times.append(time.perf_counter() - t0)
-            _reply({"times": times})
-        elif cmd[0] == "profile":
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                one()
-            ev = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 200]
-            _reply({"ops": [[op_key(e), e.self_cpu_time_total / 1000, e.count] for e in ev]})
-        elif cmd[0] == "rss":
-            _reply({"rss_mib": _rss("VmRSS:"), "peak_mib": _rss("VmHWM:")})
-        elif cmd[0] == "quit":
-            break
-
-
 def worker_main(a) -> None:
     sys.stdout = sys.stderr
     import torch
@@ -139,7 +84,7 @@ def worker_main(a) -> None:
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(a.seed)
     xs = torch.randn(a.n_batches, a.batch, a.d_in, generator=g)  # as _peer_sae_train.make_batches
-    base = _rss("VmRSS:")
+    base = rss("VmRSS:")
     serve(build_ours(a.worker, a), xs, base)
 
 
