@@ -105,13 +105,17 @@ def shard(batch_size: int, group: Group) -> slice:
     return slice(group.rank * n, (group.rank + 1) * n)
 
 
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Σ over ranks (a new tensor; `t` itself when single-process)."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if _ACTIVE is None:
         return t
     t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over ranks (a new tensor; `t` itself when single-process)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_gather(t: torch.Tensor) -> torch.Tensor:
@@ -124,11 +128,8 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_min(t: torch.Tensor) -> torch.Tensor:
-    if _ACTIVE is None:
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t
+    """Minimum over ranks (`t` itself when single-process)."""
+    return _all_reduce(t, dist.ReduceOp.MIN)
 
 
 def batch_total_variance(y: torch.Tensor) -> torch.Tensor:
