@@ -1,0 +1,426 @@
+"""Per-feature statistics of a sparse coder over a text stream, in one streaming pass.
+
+    stats = feature_stats(model, coder, "sotu", tokens=1_000_000)
+    stats.density[f], stats.top_values[f], stats.top_tokens[f], stats.top_acts[f], stats.logit_top_ids[f]
+
+Every accumulator has a size fixed by (n_features, top_k, hist_bins, n_quantiles), never by the number
+of tokens, so peak memory is flat however long the run. Choices (documented because they shape results):
+
+- Histogram: `hist_bins` fixed log-spaced bins over [1e-4, 1e4) of the NONZERO activations (values outside
+  clamp into the end bins). Fixed bins need no first-batch calibration, so a resumed run and a fresh run
+  bin identically and features of any scale are resolved (4 bins per decade at the default 32).
+- Top-k: per feature, a running top-k over [previous top-k ++ this batch's top-k], by stable sorts so
+  ties go to the earliest token (the same answer as sorting every activation). Entries with activation 0
+  are empty (context -1). Contexts are stored as ids (their index in the packed stream), not
+  tokens: packing is deterministic, so the referenced contexts are re-tokenized at the end (one tokenizer
+  pass over the consumed text, no forward) and run through one more batched forward to get each top
+  context's token-level activations.
+- Quantile samples: for each (feature, histogram bin), a uniform random sample without replacement of
+  `n_quantiles` firing tokens (bottom-k sampling: every firing token gets a random priority, the m lowest
+  are kept). Priorities come from a generator seeded by (seed, first context of the batch), so a resumed
+  run draws exactly what an uninterrupted one would.
+- Logit effects: decoder rows through the final norm's weight (centred first for LayerNorm; the scale is
+  a positive per-token factor and is left out) and the unembedding: the direct effect on each token's
+  logit of writing the feature, per unit activation.
+
+With `out`, a checkpoint (accumulators + contexts consumed) is written atomically every
+`checkpoint_every` batches and a rerun with the same settings resumes after the consumed contexts,
+giving the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+
+from mechscope.data.packing import PackedContexts, contexts
+from mechscope.errors import HookNameError, InputError
+from mechscope.fileio import atomic_write_bytes, atomic_write_json
+
+__all__ = ["FeatureStats", "feature_stats", "logit_effects"]
+
+HIST_LO, HIST_HI = 1e-4, 1e4  # log-spaced histogram range of nonzero activations
+STATS_FILE, META_FILE = "feature_stats.safetensors", "feature_stats.json"
+CKPT_FILE, CKPT_META = "checkpoint.safetensors", "checkpoint.json"
+_EMPTY = -1  # context id of an empty top-k / sample slot
+
+
+@dataclass
+class FeatureStats:
+    """Results for F tracked features (`features` maps row -> latent index). Tensors on CPU."""
+
+    features: torch.Tensor  # [F] long: latent index of each row
+    n_tokens: int
+    n_contexts: int
+    count: torch.Tensor  # [F] long: tokens where the feature fired (> 0)
+    act_sum: torch.Tensor  # [F] float64: sum of activations
+    act_max: torch.Tensor  # [F] float32
+    hist: torch.Tensor  # [F, bins] long: counts of nonzero activations per bin
+    hist_edges: torch.Tensor  # [bins + 1] float64 (end bins also hold the clamped outliers)
+    top_values: torch.Tensor  # [F, k] float32, descending; 0 where empty
+    top_context: torch.Tensor  # [F, k] long: context id in the packed stream; -1 where empty
+    top_pos: torch.Tensor  # [F, k] long: position in the context; -1 where empty
+    top_tokens: torch.Tensor  # [F, k, T] long: tokens of each top context (-1 where empty)
+    top_acts: torch.Tensor  # [F, k, T] float32: the feature's activation on every token of it
+    sample_values: torch.Tensor  # [F, bins, m] float32: random firing examples per histogram bin; 0 where empty
+    sample_context: torch.Tensor  # [F, bins, m] long; -1 where empty
+    sample_pos: torch.Tensor  # [F, bins, m] long; -1 where empty
+    logit_top_ids: torch.Tensor | None  # [F, n_logits] long: tokens most promoted (direct effect)
+    logit_top_values: torch.Tensor | None  # [F, n_logits] float32
+    logit_bottom_ids: torch.Tensor | None  # [F, n_logits] long: tokens most suppressed
+    logit_bottom_values: torch.Tensor | None  # [F, n_logits] float32
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def density(self) -> torch.Tensor:  # [F] fraction of tokens where the feature fired
+        return self.count.double() / max(self.n_tokens, 1)
+
+    @property
+    def mean_act(self) -> torch.Tensor:  # [F] mean activation when firing (0 for dead features)
+        return self.act_sum / self.count.clamp(min=1).double()
+
+    def save(self, folder: str | Path) -> Path:
+        """Write feature_stats.safetensors + feature_stats.json (atomically) into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f.name: getattr(self, f.name).contiguous() for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        atomic_write_bytes(folder / STATS_FILE, st_save(tensors))
+        atomic_write_json(folder / META_FILE, {"n_tokens": self.n_tokens, "n_contexts": self.n_contexts,
+                                               "meta": self.meta})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> FeatureStats:
+        folder = Path(folder)
+        if not (folder / STATS_FILE).exists():
+            raise InputError(f"No {STATS_FILE} in {folder}; run feature_stats(..., out={str(folder)!r}) first.")
+        t = load_file(str(folder / STATS_FILE))
+        j = json.loads((folder / META_FILE).read_text())
+        kw = {f.name: t.get(f.name) for f in fields(cls) if f.name not in ("n_tokens", "n_contexts", "meta")}
+        return cls(n_tokens=j["n_tokens"], n_contexts=j["n_contexts"], meta=j["meta"], **kw)
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def logit_effects(model, coder, features: torch.Tensor | None = None) -> torch.Tensor:
+    """[F, V] direct logit effect of each feature's decoder row: centre (LayerNorm only), times the final
+    norm's weight (when not folded away), times W_U. The final scale is left out (positive per token)."""
+    w_dec = coder.W_dec.detach().float()  # [n, d_out]
+    if features is not None:
+        w_dec = w_dec[features.to(w_dec.device)]
+    c = model.cfg
+    if w_dec.shape[-1] != c.d_model:
+        raise InputError(f"The coder writes {w_dec.shape[-1]}-dim vectors, not the residual stream (d_model "
+                         f"{c.d_model}); logit effects need a coder whose output lives in the residual.")
+    if not c.has_unembed:
+        raise InputError(f"{c.architecture} has no unembedding; logit effects are undefined.")
+    d = w_dec.to(model.W_U.device)
+    if c.final_norm:
+        if c.normalization == "LN":
+            d = d - d.mean(-1, keepdim=True)
+        w = getattr(model.ln_final, "w", None)
+        if w is not None:
+            d = d * w.detach().float()
+    return d @ model.W_U.detach().float()  # [F, V]
+
+
+def _layer_of(hook: str, n_layers: int) -> int | None:
+    """stop_at_layer that still computes `hook` (None: needs the whole model)."""
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    if m:
+        return int(m.group(1)) + 1 if int(m.group(1)) + 1 < n_layers else None
+    return 0 if hook in ("hook_embed", "hook_pos_embed", "hook_tokens") else None
+
+
+def _acts_fn(model, coder, hook: str, stop: int | None, feats: torch.Tensor | None):
+    """tokens [B, T] -> latent acts [B, T, F] (float32) of the tracked features."""
+
+    def run(tokens: torch.Tensor) -> torch.Tensor:
+        _, cache = model.run_with_cache(tokens.to(model.device), names_filter=hook, stop_at_layer=stop,
+                                        return_type=None)
+        x = cache[hook]
+        if x.dim() > 3:  # per-head hooks [B, T, H, d_head]: coders read the heads concatenated
+            x = x.flatten(2)
+        f = coder.encode(x.to(coder.W_enc.device)).float()  # [B, T, n]
+        return (f if feats is None else f[..., feats.to(f.device)]).cpu()
+
+    return run
+
+
+def _check(model, coder, feats: torch.Tensor | None) -> tuple[str, int | None]:
+    hook = coder.cfg.hook_in
+    if not hook:
+        raise InputError("The coder does not say which hook it reads (cfg.hook_in is None); set coder.cfg.hook_in.")
+    if hook not in model.hook_names:
+        raise HookNameError(f"The coder reads {hook!r}, which this model ({model.cfg.model_name}) has no hook "
+                            f"for; load a coder trained on this model (hooks look like 'blocks.0.hook_resid_post').")
+    stop = _layer_of(hook, model.cfg.n_layers)
+    probe = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(probe, names_filter=hook, stop_at_layer=stop, return_type=None)
+    x = cache[hook]
+    width = x.flatten(2).shape[-1] if x.dim() > 3 else x.shape[-1]
+    if width != coder.cfg.d_in:
+        raise InputError(f"{hook} has width {width} but the coder expects d_in={coder.cfg.d_in}; this coder was "
+                         "trained on another model or hook.")
+    if feats is not None and (feats.numel() == 0 or feats.min() < 0 or feats.max() >= coder.cfg.n_latents):
+        raise InputError(f"features must be a non-empty list of latent indices in [0, {coder.cfg.n_latents}).")
+    return hook, stop
+
+
+class _State:
+    """The bounded accumulators: sizes depend on (F, k, bins, m) only."""
+
+    NAMES = ("count", "act_sum", "act_max", "hist", "top_values", "top_context", "top_pos",
+             "s_prio", "s_values", "s_context", "s_pos")
+
+    def __init__(self, F: int, k: int, bins: int, m: int):
+        self.F, self.k, self.bins, self.m = F, k, bins, m
+        self.count = torch.zeros(F, dtype=torch.long)
+        self.act_sum = torch.zeros(F, dtype=torch.float64)
+        self.act_max = torch.zeros(F)
+        self.hist = torch.zeros(F, bins, dtype=torch.long)
+        self.top_values = torch.zeros(F, k)
+        self.top_context = torch.full((F, k), _EMPTY, dtype=torch.long)
+        self.top_pos = torch.full((F, k), _EMPTY, dtype=torch.long)
+        G = F * bins
+        self.s_prio = torch.full((G, m), math.inf)  # bottom-k sampling priorities
+        self.s_values = torch.zeros(G, m)
+        self.s_context = torch.full((G, m), _EMPTY, dtype=torch.long)
+        self.s_pos = torch.full((G, m), _EMPTY, dtype=torch.long)
+        self.consumed = 0  # contexts
+        self.n_tokens = 0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.NAMES}
+
+    def update(self, acts: torch.Tensor, first_ctx: int, seed: int) -> None:
+        """acts [B, T, F] of contexts first_ctx .. first_ctx + B - 1."""
+        B, T, F = acts.shape
+        flat = acts.reshape(B * T, F)  # [N, F]
+        fired = flat > 0
+        self.count += fired.sum(0)
+        self.act_sum += flat.sum(0, dtype=torch.float64)
+        self.act_max = torch.maximum(self.act_max, flat.max(0).values)
+        # top-k: this batch's best k per feature, merged with the running ones
+        # ties (e.g. every context's BOS position) go to the earliest token: stable sorts, and the running
+        # entries (all earlier) sit before this batch's candidates. topk does not promise that order.
+        kk = min(self.k, B * T)
+        v, i = torch.sort(flat.T, dim=1, descending=True, stable=True)  # [F, N]
+        v, i = v[:, :kk], i[:, :kk]  # [F, kk]
+        cand_v = torch.cat([self.top_values, v], 1)
+        cand_c = torch.cat([self.top_context, first_ctx + torch.div(i, T, rounding_mode="floor")], 1)
+        cand_p = torch.cat([self.top_pos, i % T], 1)
+        v2, j = torch.sort(cand_v, dim=1, descending=True, stable=True)
+        v2, j = v2[:, : self.k], j[:, : self.k]
+        empty = v2 <= 0
+        self.top_values = v2.masked_fill(empty, 0.0)
+        self.top_context = cand_c.gather(1, j).masked_fill(empty, _EMPTY)
+        self.top_pos = cand_p.gather(1, j).masked_fill(empty, _EMPTY)
+        # histogram + per-bin samples over the firing (token, feature) pairs only
+        tok, feat = fired.nonzero(as_tuple=True)  # [E], token-major order
+        if tok.numel() == 0:
+            return
+        a = flat[tok, feat]
+        b = _bin(a, self.bins)
+        g = feat * self.bins + b  # [E] group (feature, bin)
+        self.hist += torch.bincount(g, minlength=F * self.bins).view(F, self.bins)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + first_ctx) % (2**63))
+        prio = torch.rand(tok.numel(), generator=gen)
+        # per group, keep the m lowest priorities of this batch: sort by (group, priority), rank in group
+        order = torch.argsort(prio)
+        order = order[torch.argsort(g[order], stable=True)]
+        gs = g[order]
+        starts = torch.searchsorted(gs, gs, right=False)
+        rank = torch.arange(gs.numel()) - starts
+        keep = order[rank < self.m]
+        rk = rank[rank < self.m]
+        G = F * self.bins
+        new_p = torch.full((G, self.m), math.inf)
+        new_v, new_c, new_s = torch.zeros(G, self.m), torch.full((G, self.m), _EMPTY), torch.full((G, self.m), _EMPTY)
+        gk = g[keep]
+        new_p[gk, rk] = prio[keep]
+        new_v[gk, rk] = a[keep]
+        new_c[gk, rk] = first_ctx + torch.div(tok[keep], T, rounding_mode="floor")
+        new_s[gk, rk] = tok[keep] % T
+        cp = torch.cat([self.s_prio, new_p], 1)
+        p2, j = torch.topk(cp, self.m, dim=1, largest=False)
+        self.s_prio = p2
+        self.s_values = torch.cat([self.s_values, new_v], 1).gather(1, j)
+        self.s_context = torch.cat([self.s_context, new_c], 1).gather(1, j)
+        self.s_pos = torch.cat([self.s_pos, new_s], 1).gather(1, j)
+
+
+def _edges(bins: int) -> torch.Tensor:
+    return torch.logspace(math.log10(HIST_LO), math.log10(HIST_HI), bins + 1, dtype=torch.float64)
+
+
+def _bin(a: torch.Tensor, bins: int) -> torch.Tensor:
+    """Histogram bin of positive activations a [E] -> [E] long in [0, bins)."""
+    lo, hi = math.log10(HIST_LO), math.log10(HIST_HI)
+    x = (torch.log10(a.double()) - lo) * (bins / (hi - lo))
+    return x.floor().clamp(0, bins - 1).long()
+
+
+# ---------------------------------------------------------------------------- the pass
+
+
+def feature_stats(
+    model,
+    coder,
+    text: Any = "sotu",
+    *,
+    tokens: int | None = None,
+    context_len: int = 64,
+    batch_size: int = 8,
+    top_k: int = 10,
+    n_quantiles: int = 4,
+    hist_bins: int = 32,
+    n_logits: int = 10,
+    seed: int = 0,
+    features: Any = None,
+    out: str | Path | None = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+) -> FeatureStats:
+    """One streaming pass over `text` (a corpus name / anything `contexts` accepts, or a PackedContexts)
+    computing, for each latent (or only `features`): density, mean/max, a log-binned histogram, the
+    `top_k` top-activating contexts with token-level activations, `n_quantiles` random examples per
+    histogram bin, and the top/bottom `n_logits` direct logit effects. tokens: stop after about this many
+    tokens (whole contexts; None: the whole source). out: save there and checkpoint/resume."""
+    for name, v, lo in (("context_len", context_len, 2), ("batch_size", batch_size, 1), ("top_k", top_k, 1),
+                        ("n_quantiles", n_quantiles, 1), ("hist_bins", hist_bins, 1), ("n_logits", n_logits, 1),
+                        ("checkpoint_every", checkpoint_every, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise InputError(f"{name} must be an int >= {lo}, got {v!r}.")
+    if tokens is not None and (not isinstance(tokens, int) or tokens < context_len):
+        raise InputError(f"tokens must be None or an int >= context_len ({context_len}), got {tokens!r}.")
+    feats = None
+    if features is not None:
+        feats = torch.as_tensor(features, dtype=torch.long).flatten()
+    hook, stop = _check(model, coder, feats)
+    if context_len > model.cfg.n_ctx:
+        raise InputError(f"context_len {context_len} exceeds the model's n_ctx {model.cfg.n_ctx}.")
+    stream = text if isinstance(text, PackedContexts) else contexts(text, model.tokenizer, context_len, seed=seed)
+    if stream.context_len != context_len:
+        raise InputError(f"The PackedContexts has context_len {stream.context_len}, not {context_len}.")
+    max_ctx = None if tokens is None else tokens // context_len
+    F = coder.cfg.n_latents if feats is None else feats.numel()
+    ident = {"stream": stream.describe(), "coder": coder.cfg.to_dict(), "hook": hook, "context_len": context_len,
+             "batch_size": batch_size, "top_k": top_k, "n_quantiles": n_quantiles, "hist_bins": hist_bins,
+             "n_logits": n_logits, "seed": seed, "max_contexts": max_ctx,
+             "features": None if feats is None else feats.tolist(), "model": model.cfg.model_name}
+    ident = json.loads(json.dumps(ident, default=str))
+    folder = Path(out) if out is not None else None
+    if folder is not None and (folder / META_FILE).exists():
+        done = FeatureStats.load(folder)
+        if done.meta.get("settings") == ident:
+            return done
+    st = _State(F, top_k, hist_bins, n_quantiles)
+    if folder is not None and (folder / CKPT_META).exists():
+        cm = json.loads((folder / CKPT_META).read_text())
+        if cm.get("settings") == ident:
+            for n, t in load_file(str(folder / CKPT_FILE)).items():
+                setattr(st, n, t)
+            st.consumed, st.n_tokens = cm["consumed"], cm["n_tokens"]
+
+    run = _acts_fn(model, coder, hook, stop, feats)
+    total = None if max_ctx is None else max_ctx
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=st.consumed, unit="ctx", desc="feature stats")
+    it = iter(stream.skip(st.consumed))
+    n_batches = 0
+    with torch.no_grad():
+        while max_ctx is None or st.consumed < max_ctx:
+            want = batch_size if max_ctx is None else min(batch_size, max_ctx - st.consumed)
+            rows = [r for _, r in zip(range(want), it)]
+            if not rows:
+                break
+            batch = torch.stack(rows)  # [B, T]
+            st.update(run(batch), st.consumed, seed)
+            st.consumed += batch.shape[0]
+            st.n_tokens += batch.numel()
+            n_batches += 1
+            if bar is not None:
+                bar.update(batch.shape[0])
+            if folder is not None and n_batches % checkpoint_every == 0:
+                _checkpoint(folder, st, ident)
+    if bar is not None:
+        bar.close()
+    if st.consumed == 0:
+        from mechscope.errors import EmptyCorpusError
+
+        raise EmptyCorpusError(f"The text source gave no context of {context_len} tokens.")
+    top_tokens, top_acts = _top_activations(stream, run, st, context_len, batch_size)
+    lt = lb = ltv = lbv = None
+    try:
+        eff = logit_effects(model, coder, feats)  # [F, V]
+        nl = min(n_logits, eff.shape[-1])
+        ltv, lt = (x.cpu() for x in eff.topk(nl, dim=-1))
+        lbv, lb = (x.cpu() for x in eff.topk(nl, dim=-1, largest=False))
+        logit_note = None
+    except InputError as e:  # e.g. a transcoder writing an MLP hidden layer: everything else still holds
+        logit_note = str(e)
+    G = (F, hist_bins, n_quantiles)
+    res = FeatureStats(
+        features=torch.arange(F) if feats is None else feats.clone(), n_tokens=st.n_tokens, n_contexts=st.consumed,
+        count=st.count, act_sum=st.act_sum, act_max=st.act_max, hist=st.hist, hist_edges=_edges(hist_bins),
+        top_values=st.top_values, top_context=st.top_context, top_pos=st.top_pos, top_tokens=top_tokens,
+        top_acts=top_acts, sample_values=st.s_values.view(G), sample_context=st.s_context.view(G),
+        sample_pos=st.s_pos.view(G), logit_top_ids=lt, logit_top_values=ltv, logit_bottom_ids=lb,
+        logit_bottom_values=lbv, meta={"settings": ident, "logit_effects_note": logit_note,
+                                       "hist_range": [HIST_LO, HIST_HI]})
+    if folder is not None:
+        res.save(folder)
+        for f in (CKPT_FILE, CKPT_META):
+            (folder / f).unlink(missing_ok=True)
+    return res
+
+
+def _checkpoint(folder: Path, st: _State, ident: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / CKPT_FILE, st_save({n: t.contiguous() for n, t in st.tensors().items()}))
+    atomic_write_json(folder / CKPT_META, {"settings": ident, "consumed": st.consumed, "n_tokens": st.n_tokens})
+
+
+def _top_activations(stream: PackedContexts, run, st: _State, T: int, batch_size: int):
+    """Re-tokenize the top contexts (packing is deterministic) and run them once more: -> tokens [F, k, T],
+    acts [F, k, T] of each entry's own feature."""
+    F, k = st.top_context.shape
+    tokens = torch.full((F, k, T), _EMPTY, dtype=torch.long)
+    acts = torch.zeros(F, k, T)
+    ids = st.top_context[st.top_context >= 0].unique()  # [U] sorted
+    if ids.numel() == 0:
+        return tokens, acts
+    want = set(ids.tolist())
+    last = int(ids[-1])
+    rows: list[torch.Tensor] = []
+    for c, row in enumerate(stream):
+        if c in want:
+            rows.append(row)
+        if c >= last:
+            break
+    ctx_tok = torch.stack(rows)  # [U, T], in id order
+    inv = torch.searchsorted(ids, st.top_context.clamp(min=0))  # [F, k] row in ctx_tok
+    valid = st.top_context >= 0
+    tokens[valid] = ctx_tok[inv[valid]]
+    with torch.no_grad():
+        for s in range(0, ids.numel(), batch_size):
+            a = run(ctx_tok[s : s + batch_size])  # [b, T, F]
+            sel = valid & (inv >= s) & (inv < s + a.shape[0])
+            f, j = sel.nonzero(as_tuple=True)
+            acts[f, j] = a[inv[f, j] - s, :, f]  # [E, T]
+    return tokens, acts
