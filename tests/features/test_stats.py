@@ -33,12 +33,17 @@ def result(setup):
     return feature_stats(*setup, "sotu", **KW)
 
 
-def naive_acts(model, coder) -> torch.Tensor:
-    """Every activation: [N_CTX, T, n_latents], one plain forward per batch, no streaming."""
-    rows = list(contexts("sotu", model.tokenizer, T, seed=KW["seed"]).batches(N_CTX))[0]
+def naive_acts(model, coder, exclude_bos: bool = True) -> torch.Tensor:
+    """Every activation: [N_CTX, T, n_latents], one plain forward, no streaming; BOS positions zeroed
+    (exclude_bos, the default of feature_stats)."""
+    stream = contexts("sotu", model.tokenizer, T, seed=KW["seed"])
+    rows = list(stream.batches(N_CTX))[0]
     with torch.no_grad():
         _, cache = model.run_with_cache(rows, names_filter=HOOK)
-        return coder.encode(cache[HOOK]).float(), rows
+        acts = coder.encode(cache[HOOK]).float()
+    if exclude_bos:
+        acts = acts.masked_fill((rows == stream.bos_token_id)[..., None], 0.0)
+    return acts, rows
 
 
 def test_against_naive(setup, result):
@@ -46,7 +51,9 @@ def test_against_naive(setup, result):
     acts, rows = naive_acts(model, coder)
     F = coder.cfg.n_latents
     flat = acts.reshape(-1, F)  # [N, F]
-    assert result.n_tokens == flat.shape[0] and result.n_contexts == N_CTX
+    n_bos = int((rows == 1).sum())
+    assert n_bos >= N_CTX  # every context starts with BOS (id 1), which is not counted
+    assert result.n_tokens == flat.shape[0] - n_bos and result.n_contexts == N_CTX
     assert torch.equal(result.count, (flat > 0).sum(0))
     torch.testing.assert_close(result.act_sum, flat.double().sum(0))
     assert torch.equal(result.act_max, flat.max(0).values)
@@ -173,3 +180,14 @@ def test_typed_errors(setup):
         feature_stats(model, coder, "sotu", **KW, features=[64])
     with pytest.raises(EmptyCorpusError):
         feature_stats(model, coder, contexts(["a few words"], model.tokenizer, T), **KW)
+
+
+def test_bos_is_excluded_unless_asked(setup, result):
+    model, coder = setup
+    assert not (result.top_pos[result.top_context >= 0] == 0).any()  # no top example sits on BOS
+    kept = feature_stats(*setup, "sotu", exclude_bos=False, **KW)
+    acts, rows = naive_acts(model, coder, exclude_bos=False)
+    flat = acts.reshape(-1, coder.cfg.n_latents)
+    assert kept.n_tokens == flat.shape[0]
+    assert torch.equal(kept.count, (flat > 0).sum(0))
+    assert (kept.count >= result.count).all()

@@ -157,6 +157,16 @@ def _acts_fn(model, coder, hook: str, stop: int | None, feats: torch.Tensor | No
     return run
 
 
+def _without_token(run, token_id: int):
+    """`run` with the activations at every occurrence of token_id set to 0 (not firing)."""
+
+    def masked(tokens: torch.Tensor) -> torch.Tensor:
+        acts = run(tokens)  # [B, T, F]
+        return acts.masked_fill((tokens == token_id).to(acts.device)[..., None], 0.0)
+
+    return masked
+
+
 def _check(model, coder, feats: torch.Tensor | None) -> tuple[str, int | None]:
     hook = coder.cfg.hook_in
     if not hook:
@@ -291,13 +301,16 @@ def feature_stats(
     features: Any = None,
     out: str | Path | None = None,
     checkpoint_every: int = 50,
+    exclude_bos: bool = True,
     progress: bool = True,
 ) -> FeatureStats:
     """One streaming pass over `text` (a corpus name / anything `contexts` accepts, or a PackedContexts)
     computing, for each latent (or only `features`): density, mean/max, a log-binned histogram, the
     `top_k` top-activating contexts with token-level activations, `n_quantiles` random examples per
     histogram bin, and the top/bottom `n_logits` direct logit effects. tokens: stop after about this many
-    tokens (whole contexts; None: the whole source). out: save there and checkpoint/resume."""
+    tokens (whole contexts; None: the whole source). out: save there and checkpoint/resume.
+    exclude_bos: BOS positions count as not firing and are not counted as tokens (the BOS residual is the
+    same in every context, so a feature firing on it would fill its top-k with identical BOS examples)."""
     for name, v, lo in (("context_len", context_len, 2), ("batch_size", batch_size, 1), ("top_k", top_k, 1),
                         ("n_quantiles", n_quantiles, 1), ("hist_bins", hist_bins, 1), ("n_logits", n_logits, 1),
                         ("checkpoint_every", checkpoint_every, 1)):
@@ -319,7 +332,8 @@ def feature_stats(
     ident = {"stream": stream.describe(), "coder": coder.cfg.to_dict(), "hook": hook, "context_len": context_len,
              "batch_size": batch_size, "top_k": top_k, "n_quantiles": n_quantiles, "hist_bins": hist_bins,
              "n_logits": n_logits, "seed": seed, "max_contexts": max_ctx,
-             "features": None if feats is None else feats.tolist(), "model": model.cfg.model_name}
+             "features": None if feats is None else feats.tolist(), "model": model.cfg.model_name,
+             "exclude_bos": exclude_bos}
     ident = json.loads(json.dumps(ident, default=str))
     folder = Path(out) if out is not None else None
     if folder is not None and (folder / META_FILE).exists():
@@ -335,6 +349,9 @@ def feature_stats(
             st.consumed, st.n_tokens = cm["consumed"], cm["n_tokens"]
 
     run = _acts_fn(model, coder, hook, stop, feats)
+    bos_id = stream.describe().get("bos_token_id") if exclude_bos else None
+    if bos_id is not None:
+        run = _without_token(run, int(bos_id))
     total = None if max_ctx is None else max_ctx
     bar = None
     if progress:
@@ -352,7 +369,7 @@ def feature_stats(
             batch = torch.stack(rows)  # [B, T]
             st.update(run(batch), st.consumed, seed)
             st.consumed += batch.shape[0]
-            st.n_tokens += batch.numel()
+            st.n_tokens += batch.numel() if bos_id is None else int((batch != bos_id).sum())
             n_batches += 1
             if bar is not None:
                 bar.update(batch.shape[0])
