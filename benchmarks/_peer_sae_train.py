@@ -45,7 +45,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _sae_worker import rss, serve  # noqa: E402  (stdlib only: importable from the peer venv)
+from _sae_worker import add_shape_args, rss, serve  # noqa: E402  (stdlib only: importable from the peer venv)
 
 warnings.filterwarnings("ignore")
 
@@ -140,13 +140,7 @@ def build_saelens(a, torch, sparse: bool):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tool", required=True, choices=["sparsify", "saelens", "saelens-sparse"])
-    ap.add_argument("--d-in", type=int, default=768)
-    ap.add_argument("--n-latents", type=int, default=6144)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--n-batches", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    add_shape_args(ap)
     ap.add_argument("--sparsify-opt", choices=["adam", "signum"], default="adam")
     a = ap.parse_args()
     sys.stdout = sys.stderr  # the tools' own prints must not corrupt the protocol

@@ -7,6 +7,7 @@ ms of one step), `rss` (current and peak RSS), `quit`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -65,3 +66,14 @@ def serve(step, xs, rss_base: float) -> None:
             reply({"rss_mib": rss("VmRSS:"), "peak_mib": rss("VmHWM:")})
         elif cmd[0] == "quit":
             break
+
+
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The benchmark's shape and data options, the same in the driver and in every worker."""
+    ap.add_argument("--d-in", type=int, default=768)
+    ap.add_argument("--n-latents", type=int, default=6144)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--n-batches", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)

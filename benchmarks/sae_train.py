@@ -43,7 +43,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "src"))  # benchmark this working tree, whatever is installed
-from _sae_worker import rss, serve  # noqa: E402
+from _sae_worker import add_shape_args, rss, serve  # noqa: E402
 from common import PEER_VENVS, print_header, print_row  # noqa: E402
 
 OURS = ("ours-ref-fp32", "ours-fast-fp32", "ours-fast-fp32-adam", "ours-fast-bf16")
@@ -163,13 +163,7 @@ def start_worker(name: str, a) -> Worker | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--d-in", type=int, default=768)
-    ap.add_argument("--n-latents", type=int, default=6144)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--n-batches", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    add_shape_args(ap)
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds; each runs --steps steps per candidate")
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first")

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from mechscope.circuits.graph import Graph, GraphShape
-from mechscope.circuits.patching import _axes, _tokenize_pair, resolve_hook
+from mechscope.circuits.patching import _axes, _tokenize_pair, check_metric_value, resolve_hook
 from mechscope.errors import (
     EmptyCircuitError,
     InputError,
@@ -85,20 +85,7 @@ def _pair(model: Any, clean: Prompts, corrupted: Prompts, attention_mask: Any, p
 
 def _metric_value(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
     """metric(logits) checked: a finite 0-d tensor or one value per prompt [B] (differentiable)."""
-    B = logits.shape[0]
-    out = metric(logits)
-    if not isinstance(out, torch.Tensor):
-        raise MetricError(f"The metric must return a tensor (a scalar, or one value per prompt); got "
-                          f"{type(out).__name__}. Return e.g. (logits[:, -1, a] - logits[:, -1, b]).mean().")
-    if out.numel() == 1 and out.dim() <= 1:
-        out = out.reshape(())
-    elif tuple(out.shape) != (B,):
-        raise MetricError(f"The metric returned shape {tuple(out.shape)}; return a scalar or one value per prompt "
-                          f"([{B}]).")
-    if not bool(torch.isfinite(out).all()):
-        raise MetricError(f"The metric returned {out.detach().tolist()}; it must be finite on the clean and "
-                          "corrupted runs.")
-    return out
+    return check_metric_value(metric(logits), logits.shape[0], "run", detach=False)
 
 
 def _scalar(metric: Metric, logits: torch.Tensor) -> torch.Tensor:

@@ -162,8 +162,10 @@ class KLDivergence(_PositionMetric):
         return (ref.exp() * (ref - torch.log_softmax(at, dim=-1))).sum(-1)
 
 
-def _check_metric_value(v: Any, B: int, what: str) -> torch.Tensor:
-    if isinstance(v, (int, float)):
+def check_metric_value(v: Any, B: int, what: str, *, detach: bool = True) -> torch.Tensor:
+    """A metric's result checked: a finite scalar (0-d) or one value per prompt [B]; float32 and detached
+    unless detach=False (attribution backpropagates through it, so a Python number is refused there)."""
+    if isinstance(v, (int, float)) and detach:
         v = torch.tensor(float(v))
     if not isinstance(v, torch.Tensor):
         raise MetricError(f"The metric returned {type(v).__name__} on the {what}; it must return a scalar tensor "
@@ -174,8 +176,8 @@ def _check_metric_value(v: Any, B: int, what: str) -> torch.Tensor:
         raise MetricError(f"The metric returned shape {tuple(v.shape)} on the {what}; it must return a scalar "
                           f"(e.g. .mean() over prompts) or one value per prompt, shape [{B}].")
     if not bool(torch.isfinite(v).all()):
-        raise MetricError(f"The metric returned a non-finite value ({v.tolist()}) on the {what}.")
-    return v.detach().float()
+        raise MetricError(f"The metric returned a non-finite value ({v.detach().tolist()}) on the {what}.")
+    return v.detach().float() if detach else v
 
 
 # ============================================================================ prompts
@@ -591,8 +593,8 @@ def activation_patching(
         src = _base_run(model, src_tok, src_mask, names)
         base = _base_run(model, base_tok, base_mask, names)
         runs = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
-        m_src = _check_metric_value(metric(src.logits), B, f"{runs[0]} run")
-        m_base = _check_metric_value(metric(base.logits), B, f"{runs[1]} run")
+        m_src = check_metric_value(metric(src.logits), B, f"{runs[0]} run")
+        m_base = check_metric_value(metric(base.logits), B, f"{runs[1]} run")
         if m_src.shape != m_base.shape:
             raise MetricError("The metric returned a scalar on one run and per-prompt values on the other.")
         per_prompt = m_base.dim() == 1
@@ -646,7 +648,7 @@ def activation_patching(
                     raise MetricError(f"metric.batched returned shape {tuple(v.shape)}, expected "
                                       f"{(n, B) if per_prompt else (n,)}.")
             else:  # a plain callable: once per patch, on the final logits only
-                v = torch.stack([_check_metric_value(metric(g), B, "patched run") for g in grouped])
+                v = torch.stack([check_metric_value(metric(g), B, "patched run") for g in grouped])
             values[ids.to(dev)] = v.float()
 
     if not bool(torch.isfinite(values).all()):

@@ -417,7 +417,7 @@ class Trainer:
             group["lr"] = lr_at(step, c)
         dead = self.tokens_since_fired >= c.dead_window_tokens if c.auxk else None  # [n]
         if distributed.active() is not None:  # all ranks stop together, or none does (no rank left waiting)
-            _all_finite_or_raise(x if y is None else torch.cat([x.flatten(), y.flatten()]), "activations")
+            _all_finite_or_raise("activations", x, *(() if y is None else (y,)))
         if self.fused:
             # AuxK in the same pass; bf16 selects the top k on a bf16 matmul (values stay exact fp32)
             out = kernels.topk_loss(coder, x, y, bf16=c.autocast_bf16, dead=dead, k_aux=c.k_aux,
@@ -434,7 +434,7 @@ class Trainer:
                     aux = coder.auxk_loss(out.pre, residual, dead, int(c.k_aux))  # type: ignore[arg-type]
                     parts["auxk_loss"] = aux.detach()
                     loss = loss + c.auxk_coeff * aux
-        _all_finite_or_raise(loss.detach(), "loss")
+        _all_finite_or_raise("loss", loss.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(list(coder.parameters()))  # no-op in a single process
@@ -519,10 +519,12 @@ class Trainer:
         self.last_frequency = None if lf is None else lf.to(dev)
 
 
-def _all_finite_or_raise(t: torch.Tensor, what: str) -> None:
-    ok = torch.isfinite(t).all().to(torch.int32).reshape(1)
+def _all_finite_or_raise(what: str, *tensors: torch.Tensor) -> None:
+    """Raise NonFiniteError on every rank if any rank has a NaN / inf in `tensors` (no copies made)."""
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(torch.int32).reshape(1)
     if not bool(distributed.all_min(ok)):
         where = "" if distributed.active() is None else " on some rank"
+        t = tensors[0]
         raise NonFiniteError(f"non-finite {what}{where}" + (f" ({float(t)})" if t.numel() == 1 else ""))
 
 
