@@ -1,5 +1,12 @@
 """`mechscope` command line.
 
+    mechscope report [--model M] [--out DIR] [--tokens N] [--layer L] [--latents N]
+                                  the one-command report: lens, heads, IOI circuit, an SAE, explained
+                                  features with dashboards, steering; cached in DIR (default mechscope-report)
+    mechscope dashboards SAE --model M --out DIR [--tokens N]
+                                  feature statistics, offline explanations + detection scores and HTML
+                                  dashboards (plus a Neuronpedia export) for a saved SAE / transcoder
+
     mechscope inspect [MODEL]     load a model; print config, hook names with shapes, parameter
                                   count and a log-prob parity check against transformers
     mechscope harvest --model M --hooks H1,H2 --tokens N --out DIR [--corpus NAME|PATH] [--seed S]
@@ -203,6 +210,25 @@ def eval_sae_command(args) -> dict:
     return _print_eval(coder, model, source, args.eval_tokens, args.eval_contexts, store)
 
 
+def report_command(args) -> None:
+    from mechscope.report.pipeline import ReportConfig, build_report
+
+    cfg = ReportConfig(model=args.model, out=args.out, tokens=args.tokens, layer=args.layer, latents=args.latents,
+                       k=args.k, feature_tokens=args.feature_tokens, score_tokens=args.score_tokens,
+                       tuned_lens_steps=args.tuned_lens_steps, n_dashboards=args.dashboards, corpus=args.corpus,
+                       seed=args.seed, device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
+    build_report(cfg)
+
+
+def dashboards_command(args) -> None:
+    from mechscope.features.pipeline import feature_dashboards
+
+    index = feature_dashboards(args.sae, args.model, args.out, corpus=args.corpus, tokens=args.tokens,
+                               score_tokens=args.score_tokens, n_pages=args.pages, seed=args.seed,
+                               device=args.device, progress=not args.no_progress)
+    print(f"dashboards {index}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechscope", description="Mechanistic interpretability toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,6 +305,35 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-contexts", type=int, default=32)
     e.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--device", default=None)
+
+    r = sub.add_parser("report", help="the one-command interpretability report of a model (cached, resumable)")
+    r.add_argument("--model", default=DEFAULT_MODEL, help="folder, GGUF, built-in (smollm2) or cached hub id")
+    r.add_argument("--out", default="mechscope-report", help="report folder (index.html + artifacts/)")
+    r.add_argument("--tokens", type=int, default=160_000, help="activations harvested to train the SAE")
+    r.add_argument("--layer", type=int, default=None, help="residual layer of the SAE (default n_layers // 4)")
+    r.add_argument("--latents", type=int, default=4608, help="SAE width")
+    r.add_argument("--k", type=int, default=32, help="active latents per token (TopK)")
+    r.add_argument("--feature-tokens", type=int, default=65_536, help="tokens of the feature statistics pass")
+    r.add_argument("--score-tokens", type=int, default=32_768, help="held-out tokens to score explanations on")
+    r.add_argument("--tuned-lens-steps", type=int, default=0, help="train a tuned lens too (~10 s/step on CPU)")
+    r.add_argument("--dashboards", type=int, default=60, help="feature dashboards to write")
+    r.add_argument("--corpus", default="sotu")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default=None)
+    r.add_argument("--overwrite", action="store_true", help="replace a report of another model in --out")
+    r.add_argument("--no-progress", action="store_true")
+
+    d = sub.add_parser("dashboards", help="explained, scored feature dashboards of a saved SAE / transcoder")
+    d.add_argument("sae", help="folder or file of the coder (any supported format)")
+    d.add_argument("--model", default=DEFAULT_MODEL)
+    d.add_argument("--out", required=True)
+    d.add_argument("--corpus", default="sotu")
+    d.add_argument("--tokens", type=int, default=65_536, help="tokens of the feature statistics pass")
+    d.add_argument("--score-tokens", type=int, default=32_768, help="held-out tokens to score explanations on")
+    d.add_argument("--pages", type=int, default=1000, help="at most this many feature pages (best scored first)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default=None)
+    d.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -296,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
             train_sae_command(args)
         elif args.command == "eval-sae":
             eval_sae_command(args)
+        elif args.command == "report":
+            report_command(args)
+        elif args.command == "dashboards":
+            dashboards_command(args)
     except MechscopeError as e:
         print(f"mechscope: error: {e}", file=sys.stderr)
         return 2

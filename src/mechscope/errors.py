@@ -101,3 +101,18 @@ class MetricError(InputError):
 
 class EmptyCircuitError(InputError):
     """A circuit selection kept no edge or node (threshold too high, k = 0)."""
+
+
+class OutputNotWritableError(MechscopeError, OSError):
+    """The output folder cannot be created or written (permissions, a file in the way, read-only disk)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ArtifactMismatchError(MechscopeError):
+    """A folder already holds artifacts made from another model or coder; mechscope never mixes them."""
+
+
+class ExplainerError(MechscopeError):
+    """An explainer (LLM callable or endpoint) failed or answered something unusable."""

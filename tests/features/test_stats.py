@@ -122,8 +122,8 @@ def test_resume_identical(setup, result, tmp_path, monkeypatch):
     assert (tmp_path / stats_mod.CKPT_META).exists()
     monkeypatch.setattr(stats_mod._State, "update", real_update)
     seen = []
-    monkeypatch.setattr(stats_mod._State, "update", lambda self, a, first, seed: (seen.append(first),
-                                                                                 real_update(self, a, first, seed)))
+    monkeypatch.setattr(stats_mod._State, "update", lambda self, a, tok, first, seed: (
+        seen.append(first), real_update(self, a, tok, first, seed)))
     res = feature_stats(model, coder, "sotu", **KW, out=tmp_path, checkpoint_every=2)
     assert seen == [8, 12]  # resumed after the 2 checkpointed batches, did not redo them
     for name in ("count", "act_sum", "act_max", "hist", "top_values", "top_context", "top_pos", "top_tokens",

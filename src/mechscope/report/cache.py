@@ -1,0 +1,108 @@
+"""The report folder: one owner (a model), one cached folder per stage, nothing mixed.
+
+    OUT/report.json                    who made the folder (model identity) and the settings of the last run
+    OUT/index.html                     the report (self-contained)
+    OUT/artifacts/<stage>/stage.json   the stage's key and its small JSON result: present = stage done
+    OUT/artifacts/<stage>/.stage_key   written when a stage starts: a folder with another key is stale
+
+A stage's key hashes its settings, the model identity and the keys of the stages it reads, so
+changing --tokens re-runs the SAE stages but not the head detectors, and a second run with the
+same settings only re-renders the page. Interrupted stages resume inside their folder (the harvest,
+the SAE trainer and the feature pass checkpoint themselves); a folder left by an older key is
+deleted before the stage runs again (it is ours: report.json says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mechscope.errors import ArtifactMismatchError, OutputNotWritableError
+from mechscope.fileio import atomic_write_json
+
+REPORT_FILE = "report.json"
+STAGE_FILE = "stage.json"
+KEY_FILE = ".stage_key"
+
+
+def stage_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_writable(out: Path) -> None:
+    """Create `out` (and parents) and prove a file can be written there, before hours of work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OutputNotWritableError(f"Cannot write the report folder {str(out)!r} ({e.strerror or e}); choose "
+                                     "another --out or fix its permissions.") from e
+
+
+class ReportFolder:
+    """OUT, claimed for one model. Refuses a folder made for another model or a folder that is not a report."""
+
+    def __init__(self, out: str | Path, identity: dict[str, Any], *, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        check_writable(self.out)
+        self.identity = identity
+        self.artifacts = self.out / "artifacts"
+        meta = self.out / REPORT_FILE
+        if meta.exists():
+            try:
+                old = json.loads(meta.read_text())["model_identity"]
+            except (ValueError, KeyError, TypeError):
+                old = None
+            if old != identity:
+                if not overwrite:
+                    was = old.get("name") if isinstance(old, dict) else "an unreadable report.json"
+                    raise ArtifactMismatchError(
+                        f"{str(self.out)!r} holds a report of another model ({was}), not of {identity.get('name')}; "
+                        "artifacts of two models are never mixed. Choose another --out, or pass --overwrite to "
+                        "delete the old report's artifacts and rebuild.")
+                self._clear()
+        elif any(p.name != ".gitkeep" for p in self.out.iterdir()):
+            raise ArtifactMismatchError(
+                f"{str(self.out)!r} is not empty and is not a mechscope report (no {REPORT_FILE}); the report would "
+                "overwrite files there. Choose an empty or new --out.")
+        self.artifacts.mkdir(exist_ok=True)
+        atomic_write_json(meta, {"model_identity": identity, "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    def _clear(self) -> None:
+        shutil.rmtree(self.artifacts, ignore_errors=True)
+        for name in ("index.html", REPORT_FILE):
+            (self.out / name).unlink(missing_ok=True)
+
+    def stage(self, name: str, key: str, build: Callable[[Path], dict[str, Any]], *,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+        """Run build(folder) -> JSON-able result once per key; later calls return the cached result."""
+        folder = self.artifacts / name
+        meta = folder / STAGE_FILE
+        if meta.exists():
+            try:
+                done = json.loads(meta.read_text())
+                if done.get("key") == key:
+                    log(f"[{name}] cached ({done.get('seconds', 0):.0f} s when built)")
+                    return done["result"]
+            except ValueError:
+                pass  # a damaged stage.json: rebuild the stage
+        marker = folder / KEY_FILE
+        if folder.exists() and (not marker.exists() or marker.read_text().strip() != key):
+            shutil.rmtree(folder)  # built under other settings: stale
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(key)
+        log(f"[{name}] running")
+        t0 = time.perf_counter()
+        result = build(folder)
+        seconds = time.perf_counter() - t0
+        atomic_write_json(meta, {"key": key, "seconds": seconds, "result": result})
+        log(f"[{name}] done in {seconds:.0f} s")
+        return result

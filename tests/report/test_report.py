@@ -1,0 +1,213 @@
+"""`mechscope report` end to end on a tiny model: every stage, the page, caching, refusal to mix models,
+typed errors, the CLI, and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+
+from mechscope.cli import main
+from mechscope.errors import ArtifactMismatchError, InputError, OutputNotWritableError
+from mechscope.report.pipeline import ReportConfig, build_report
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STAGES = ("model_card", "lens", "heads", "ioi", "harvest", "sae", "features", "steering")
+
+
+def tiny_cfg(folder, out, **kw) -> ReportConfig:
+    base = dict(model=str(folder), out=str(out), layer=1, tokens=4096, latents=128, k=4, sae_batch=256,
+                sae_epochs=2.0, feature_tokens=2048, score_tokens=2048, context_len=32, ioi_prompts=4,
+                circuit_edges=60, n_dashboards=12, progress=False)
+    base.update(kw)
+    return ReportConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def report(tiny_lm_folder, tmp_path_factory):
+    folder, _ = tiny_lm_folder
+    out = tmp_path_factory.mktemp("report") / "rep"
+    t0 = time.perf_counter()
+    page = build_report(tiny_cfg(folder, out))
+    return page, out, time.perf_counter() - t0
+
+
+def test_page_has_every_section(report):
+    page, out, _ = report
+    html = page.read_text()
+    for sid in ("card", "lens", "heads", "ioi", "sae", "features", "steering"):
+        assert f'<section id="{sid}">' in html
+    assert html.count("data:image/png;base64,") >= 8  # lens, KL curve, 2 head grids, 2 IOI heatmaps, circuit, scores
+    assert not re.search(r"(?:src|href)=[\"'](?:https?:)?//", html)  # self-contained: nothing remote
+    res = json.loads((out / "artifacts" / "results.json").read_text())
+    assert res["hook"] == "blocks.1.hook_resid_post"
+    assert 0 < res["sae"]["eval"]["l0"] <= 4.0 + 1e-6  # TopK k=4
+    feats = res["features"]
+    assert feats["sae"]["n_latents"] == 128 and feats["neurons"]["n_latents"] == 64  # tiny d_mlp = 64
+    assert feats["sae"]["scored"] > 0 and feats["neurons"]["scored"] > 0
+    # the headline count on the page is the one computed from the scores
+    assert f"{feats['sae']['above_0.8']} SAE features with detection score" in html
+    # links to dashboards resolve
+    for href in re.findall(r'href="([^"#:]+)"', html):
+        assert (out / href).exists(), href
+    assert (out / feats["sae"]["index"]).exists()
+    st = res["steering"]
+    assert st["plain"] != st["steered"] or "skipped" in st
+
+
+def test_second_run_is_cached(report, tiny_lm_folder, capsys):
+    page, out, first = report
+    folder, _ = tiny_lm_folder
+    before = (out / "artifacts" / "sae" / "stage.json").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    build_report(tiny_cfg(folder, out))
+    again = time.perf_counter() - t0
+    log = capsys.readouterr().out
+    for s in STAGES:
+        assert f"[{s}] cached" in log
+    assert (out / "artifacts" / "sae" / "stage.json").stat().st_mtime_ns == before
+    assert again < first / 2
+
+
+def test_changed_setting_reruns_only_downstream(report, tiny_lm_folder, capsys, tmp_path):
+    import shutil
+
+    _, out, _ = report
+    folder, _ = tiny_lm_folder
+    copy = tmp_path / "rep"
+    shutil.copytree(out, copy)
+    build_report(tiny_cfg(folder, copy, n_dashboards=6))
+    log = capsys.readouterr().out
+    for s in ("model_card", "lens", "heads", "ioi", "harvest", "sae"):
+        assert f"[{s}] cached" in log
+    assert "[features] running" in log and "[steering] running" in log
+
+
+def test_interrupted_run_resumes(tiny_lm_folder, tmp_path, monkeypatch, capsys):
+    from mechscope.report import pipeline
+
+    folder, _ = tiny_lm_folder
+    out = tmp_path / "rep"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_sae", boom)
+    cfg = tiny_cfg(folder, out, ioi_prompts=2, circuit_edges=20)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(cfg)
+    assert (out / "artifacts" / "harvest" / "stage.json").exists()
+    assert not (out / "index.html").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    build_report(cfg)
+    log = capsys.readouterr().out
+    assert "[harvest] cached" in log and "[sae] running" in log
+    assert (out / "index.html").exists()
+
+
+def test_refuses_to_mix_models(report, tmp_path):
+    from tests.conftest import make_tiny_lm
+
+    _, out, _ = report
+    other = tmp_path / "other-model"
+    make_tiny_lm(1).save_pretrained(other)  # same shapes, other weights
+    with pytest.raises(ArtifactMismatchError, match="another model"):
+        build_report(tiny_cfg(other, out))
+    assert (out / "index.html").exists() and (out / "artifacts" / "sae" / "stage.json").exists()  # nothing lost
+
+
+def test_overwrite_rebuilds_for_the_new_model(tiny_lm_folder, tmp_path, capsys):
+    from tests.conftest import make_tiny_lm
+
+    folder, _ = tiny_lm_folder
+    other = tmp_path / "other-model"
+    make_tiny_lm(1).save_pretrained(other)
+    out = tmp_path / "rep"
+    small = dict(ioi_prompts=2, circuit_edges=20)
+    build_report(tiny_cfg(folder, out, **small))
+    capsys.readouterr()
+    build_report(tiny_cfg(other, out, overwrite=True, **small))
+    log = capsys.readouterr().out
+    assert "cached" not in log
+    res = json.loads((out / "report.json").read_text())
+    assert res["model_identity"]["name"] == "tiny-lm-1"
+
+
+def test_bad_output_folders(tiny_lm_folder, tmp_path):
+    folder, _ = tiny_lm_folder
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputNotWritableError, match="Cannot write the report folder"):
+        build_report(tiny_cfg(folder, blocker / "rep"))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactMismatchError, match="not a mechscope report"):
+        build_report(tiny_cfg(folder, busy))
+    assert (busy / "notes.txt").read_text() == "mine"
+
+
+def test_bad_settings(tiny_lm_folder, tmp_path):
+    folder, _ = tiny_lm_folder
+    with pytest.raises(InputError, match="layer"):
+        build_report(tiny_cfg(folder, tmp_path / "r1", layer=7))
+    with pytest.raises(InputError, match="too few"):
+        build_report(tiny_cfg(folder, tmp_path / "r2", tokens=100))
+
+
+def test_cli_reports_typed_errors(tiny_lm_folder, tmp_path, capsys):
+    folder, _ = tiny_lm_folder
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    assert main(["report", "--model", str(folder), "--out", str(blocker / "r"), "--no-progress"]) == 2
+    assert "Cannot write the report folder" in capsys.readouterr().err
+
+
+def test_report_in_headless_chromium(report):
+    from tests.browser import chromium_driver, console_errors, file_url, visible_rows
+
+    page, out, _ = report
+    with chromium_driver() as d:
+        d.get(file_url(page))
+        assert d.title.startswith("mechscope report")
+        imgs = d.find_elements("css selector", "img")
+        assert len(imgs) >= 8 and all(d.execute_script("return arguments[0].naturalWidth", i) > 0 for i in imgs)
+        rows = visible_rows(d, "#top-sae tbody tr")
+        assert rows > 0
+        box = d.find_element("css selector", "input[data-filter-table='top-sae']")
+        box.send_keys("zzzz-no-such-explanation")
+        assert visible_rows(d, "#top-sae tbody tr") == 0
+        link = d.find_element("css selector", "#top-sae tbody tr a")
+        href = link.get_attribute("href")
+        d.get(href)
+        assert "latent" in d.page_source.lower()
+        assert console_errors(d) == []
+
+
+def test_dashboards_cli(tiny_lm_folder, tmp_path, capsys):
+    from mechscope.sae import SAEConfig, SparseCoder, io
+
+    folder, model = tiny_lm_folder
+    coder = SparseCoder(SAEConfig(arch="topk", d_in=32, n_latents=64, k=4, hook_in="blocks.0.hook_resid_post"))
+    io.save(coder.init_weights(0), tmp_path / "sae")
+    out = tmp_path / "dash"
+    argv = ["dashboards", str(tmp_path / "sae"), "--model", str(folder), "--out", str(out), "--tokens", "2048",
+            "--score-tokens", "2048", "--pages", "20", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "with detection balanced accuracy > 0.8" in printed
+    assert (out / "dashboards" / "index.html").exists() and (out / "scores.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_latents"] == 64 and len(summary["top"]) <= 20
+    # a coder for another model's width: typed error, exit 2
+    bad = SparseCoder(SAEConfig(arch="topk", d_in=48, n_latents=64, k=4, hook_in="blocks.0.hook_resid_post"))
+    io.save(bad.init_weights(0), tmp_path / "bad")
+    assert main(["dashboards", str(tmp_path / "bad"), "--model", str(folder), "--out", str(tmp_path / "d2"),
+                 "--no-progress"]) == 2
+    assert "d_in=48" in capsys.readouterr().err
+    assert torch.get_num_threads() >= 1
