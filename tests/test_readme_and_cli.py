@@ -26,7 +26,7 @@ def test_readme_setup_commands_match_ci():
     for step in install.split(" && ")[:-1]:  # every install step, in order, then the test command
         assert step in ci, step
     assert ci.strip().splitlines()[-1] == tests
-    assert install.endswith("mechscope inspect")
+    assert install.endswith("mechscope report")
 
 
 @pytest.mark.parametrize("index", range(len(_python_blocks())))

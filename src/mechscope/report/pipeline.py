@@ -34,7 +34,7 @@ from mechscope.report.cache import ReportFolder, stage_key
 LENS_PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
                 "The Eiffel Tower is located in the city of"]
 STEER_PROMPT = "I think that"
-STEER_SCALE = 2.0
+STEER_MULTIPLES = (4.0, 8.0)  # steering strengths, in units of the feature's largest natural activation
 
 
 @dataclass
@@ -290,22 +290,31 @@ def build_report(cfg: ReportConfig) -> Path:
 
 
 def _steering(model, coder, hook: str, features: dict[str, Any], stats_dir: Path, cfg: ReportConfig) -> dict[str, Any]:
-    """Add the best-explained SAE feature's decoder direction at the SAE's layer while generating."""
+    """Add a well-explained SAE feature's decoder direction at the SAE's layer while generating greedily, at a
+    few strengths (multiples of the feature's largest activation seen in the corpus), next to the plain text.
+    The feature: the best-scored one whose explanation names a word (4+ letters), else the best-scored one."""
+    import re
+
     from mechscope.features.stats import FeatureStats
 
     if not features["top"]:
         return {"skipped": "no scored feature"}
-    best = features["top"][0]
+    wordy = [t for t in features["top"]
+             if any(re.search(r"[A-Za-z]{4,}", term) for term in re.findall(r'"([^"]*)"', t["explanation"]))]
+    best = (wordy or features["top"])[0]
     latent = best["latent"]
-    direction = coder.W_dec[latent].detach().to(model.device, model.dtype)  # [d_model]
     stats = FeatureStats.load(stats_dir)
     row = int((stats.features == latent).nonzero()[0, 0])
-    scale = STEER_SCALE * float(stats.act_max[row])  # well past the feature's largest natural activation
+    act_max = float(stats.act_max[row])
+    direction = coder.W_dec[latent].detach().to(model.device, model.dtype)  # [d_model]
 
-    def steer(x: torch.Tensor, hook=None) -> torch.Tensor:
-        return x + scale * direction
+    def run(scale: float) -> str:
+        def steer(x: torch.Tensor, hook=None) -> torch.Tensor:
+            return x + scale * direction
 
-    plain = model.generate(STEER_PROMPT, max_new_tokens=24, seed=cfg.seed)
-    steered = model.generate(STEER_PROMPT, max_new_tokens=24, seed=cfg.seed, fwd_hooks=[(hook, steer)])
-    return {"latent": latent, "score": best["score"], "explanation": best["explanation"], "scale": scale,
-            "hook": hook, "prompt": STEER_PROMPT, "plain": plain, "steered": steered}
+        hooks = [(hook, steer)] if scale else []
+        return model.generate(STEER_PROMPT, max_new_tokens=24, fwd_hooks=hooks)
+
+    return {"latent": latent, "score": best["score"], "explanation": best["explanation"], "hook": hook,
+            "act_max": act_max, "prompt": STEER_PROMPT, "plain": run(0.0),
+            "steered": [{"multiple": m, "scale": m * act_max, "text": run(m * act_max)} for m in STEER_MULTIPLES]}

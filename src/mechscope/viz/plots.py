@@ -407,11 +407,16 @@ def lens_kl_curve(table: Any, *, metric: str = "kl", title: str | None = None, l
         ax = fig.add_subplot()
         x = np.arange(len(labels))
         for (name, s), style in zip(series.items(), ("o-", "s--", "^-.", "d:")):
-            ax.plot(x, s, style, label=name, markersize=4, linewidth=1.5)
+            shown = np.where(s > 0, s, np.nan) if log_scale else s  # log axes cannot show 0 (the final row's KL)
+            ax.plot(x, shown, style, label=name, markersize=4, linewidth=1.5)
         if ref is not None:
             ax.axhline(ref, color="gray", linestyle=":", linewidth=1, label="model's own CE")
         if log_scale:
+            from matplotlib.ticker import FuncFormatter, NullFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # parse_math is off: no $10^{2}$
+            ax.yaxis.set_minor_formatter(NullFormatter())
         _set_ticks(ax, "x", labels, 12)
         ax.set_xlabel("layer (residual read)")
         ax.set_ylabel(ylabel)

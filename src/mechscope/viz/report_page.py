@@ -157,11 +157,13 @@ def _features(feats: dict[str, Any]) -> Markup:
 def _steering(r: dict[str, Any]) -> Markup:
     if "skipped" in r:
         return Markup(f"<p>Skipped: {esc(r['skipped'])}.</p>")
+    rows = [["unsteered", Markup(f"<div class='gen'>{esc(r['plain'])}</div>")]]
+    rows += [[f"+ {s['multiple']:g} × max act ({s['scale']:.1f})", Markup(f"<div class='gen'>{esc(s['text'])}</div>")]
+             for s in r["steered"]]
     return Markup(
-        f"<p>Feature {r['latent']} (<q>{esc(r['explanation'])}</q>, detection score {r['score']:.2f}): its decoder "
-        f"direction × {r['scale']:.1f} added to {esc(r['hook'])} at every position while generating greedily.</p>"
-        f"<h3>Unsteered</h3><div class='gen'>{esc(r['plain'])}</div>"
-        f"<h3>Steered</h3><div class='gen'>{esc(r['steered'])}</div>")
+        f"<p>Feature {r['latent']} (<q>{esc(r['explanation'])}</q>, detection score {r['score']:.2f}, largest "
+        f"activation in the corpus {r['act_max']:.2f}): its decoder direction added to {esc(r['hook'])} at every "
+        "position while generating greedily.</p>" + table(["steering", "generation"], rows))
 
 
 def render_report(results: dict[str, Any], out: str | Path) -> Path:
