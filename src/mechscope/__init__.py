@@ -3,16 +3,19 @@
 from mechscope.data.harvest import HarvestConfig
 from mechscope.data.store import ActivationStore
 from mechscope.errors import (
+    ArtifactMismatchError,
     ContextLengthError,
     CorpusNotFoundError,
     CorruptFileError,
     EmptyCorpusError,
+    ExplainerError,
     HookNameError,
     InputError,
     MechscopeError,
     MissingDependencyError,
     ModelNotFoundError,
     NonFiniteError,
+    OutputNotWritableError,
     StoreMismatchError,
     StoreWriteError,
     TokenizerError,
@@ -28,11 +31,13 @@ from mechscope.models.transformer import HookedTransformer
 __version__ = "0.1.0"
 __all__ = [
     "ActivationCache",
+    "ArtifactMismatchError",
     "ActivationStore",
     "ContextLengthError",
     "CorpusNotFoundError",
     "CorruptFileError",
     "EmptyCorpusError",
+    "ExplainerError",
     "HarvestConfig",
     "HookNameError",
     "HookPoint",
@@ -43,6 +48,7 @@ __all__ = [
     "ModelConfig",
     "ModelNotFoundError",
     "NonFiniteError",
+    "OutputNotWritableError",
     "StoreMismatchError",
     "StoreWriteError",
     "TokenizerError",

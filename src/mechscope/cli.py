@@ -111,10 +111,10 @@ def harvest_command(args) -> dict:
 
     from mechscope.data.harvest import HarvestConfig, harvest
     from mechscope.data.store import ActivationStore
-    from mechscope.models.loading import from_pretrained
+    from mechscope.models.loading import load_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.model_dtype]
-    model = from_pretrained(args.model, device=args.device, dtype=dtype)
+    model = load_model(args.model, device=args.device, dtype=dtype)
     cfg = HarvestConfig(
         hooks=args.hooks, n_tokens=args.tokens, context_len=args.context_len, batch_size=args.batch_size,
         shard_tokens=args.shard_tokens, dtype=args.dtype, exclude_bos=not args.keep_bos,
@@ -173,11 +173,11 @@ def _print_eval(coder, model, source, n_tokens: int, n_contexts: int, store=None
 def train_sae_command(args) -> dict:
     """`mechscope train-sae`: train from a store (or straight from the model), save, evaluate."""
     from mechscope.data.store import ActivationStore
-    from mechscope.models.loading import from_pretrained
+    from mechscope.models.loading import load_model
     from mechscope.sae import io
     from mechscope.sae.train import train
 
-    model = from_pretrained(args.model, device=args.device, dtype=_model_dtype(args.model_dtype))
+    model = load_model(args.model, device=args.device, dtype=_model_dtype(args.model_dtype))
     store = ActivationStore.open(args.store, model) if args.store else None
     source = store if store is not None else (model, args.hook, args.corpus)
     coder = train(source, arch=args.arch, n_latents=args.latents, k=args.k, steps=args.steps,
@@ -199,10 +199,10 @@ def train_sae_command(args) -> dict:
 
 def eval_sae_command(args) -> dict:
     from mechscope.data.store import ActivationStore
-    from mechscope.models.loading import from_pretrained
+    from mechscope.models.loading import load_model
     from mechscope.sae import io
 
-    model = from_pretrained(args.model, device=args.device, dtype=_model_dtype(args.model_dtype))
+    model = load_model(args.model, device=args.device, dtype=_model_dtype(args.model_dtype))
     coder = io.load(args.sae, device=args.device)
     store = ActivationStore.open(args.store, model) if args.store else None
     hook = coder.cfg.hook_in

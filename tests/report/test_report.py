@@ -212,3 +212,15 @@ def test_dashboards_cli(tiny_lm_folder, tmp_path, capsys):
                  "--no-progress"]) == 2
     assert "d_in=48" in capsys.readouterr().err
     assert torch.get_num_threads() >= 1
+
+
+def test_empty_text_source_is_a_typed_error(tiny_lm_folder, tmp_path):
+    from mechscope.errors import EmptyCorpusError
+
+    folder, _ = tiny_lm_folder
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(EmptyCorpusError):
+        build_report(tiny_cfg(folder, tmp_path / "rep", corpus=str(empty)))
+    assert main(["report", "--model", str(folder), "--out", str(tmp_path / "rep2"), "--corpus", str(empty),
+                 "--no-progress"]) == 2

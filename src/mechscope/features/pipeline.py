@@ -118,11 +118,11 @@ def _np_source(hook: str) -> str:
 def feature_dashboards(sae: str | Path, model: str, out: str | Path, **kw: Any) -> Path:
     """`mechscope dashboards SAE --model M --out DIR`: load both, refuse a coder that does not fit the model,
     run analyse_features; returns DIR/dashboards/index.html."""
-    from mechscope.models.loading import from_pretrained
+    from mechscope.models.loading import load_model
     from mechscope.sae import io
 
     device = kw.pop("device", None)
-    m = from_pretrained(model, device=device)
+    m = load_model(model, device=device)
     coder = io.load(sae, device=device)
     summary = analyse_features(m, coder, out, n_pages=kw.pop("n_pages", 1000), **kw)
     print(f"features   {summary['live']:,} live of {summary['n_latents']:,}; {summary['scored']:,} scored, "

@@ -183,3 +183,11 @@ def from_gguf(path: str | os.PathLike, *, device=None, dtype=torch.float32, cach
     model = from_pretrained(folder, device=device, dtype=dtype, process=process)
     model.cfg.model_name = str(path)
     return model
+
+
+def load_model(name: str | os.PathLike, *, device=None, dtype=torch.float32):
+    """What the CLI's --model takes: a model folder, a built-in name, a cached hub id (from_pretrained) or a
+    .gguf file (from_gguf)."""
+    if str(name).lower().endswith(".gguf"):
+        return from_gguf(name, device=device, dtype=dtype)
+    return from_pretrained(name, device=device, dtype=dtype)

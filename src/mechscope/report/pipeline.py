@@ -29,6 +29,7 @@ import torch
 
 from mechscope.errors import InputError
 from mechscope.fileio import atomic_write_json
+from mechscope.models.loading import load_model
 from mechscope.report.cache import ReportFolder, stage_key
 
 LENS_PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
@@ -230,14 +231,13 @@ def _features(model, folder: Path, cfg: ReportConfig, coders: dict[str, Any]) ->
 def build_report(cfg: ReportConfig) -> Path:
     """Run (or reuse) every stage and write OUT/index.html; returns its path."""
     from mechscope.data.harvest import model_identity
-    from mechscope.models.loading import from_pretrained
     from mechscope.sae import io
 
     cfg.check()
     out = Path(cfg.out)
     t_start = time.perf_counter()
     t0 = time.perf_counter()
-    model = from_pretrained(cfg.model, device=cfg.device)
+    model = load_model(cfg.model, device=cfg.device)  # a folder, built-in, cached hub id or .gguf file
     load_s = time.perf_counter() - t0
     if model.tokenizer is None or not model.cfg.causal or not model.cfg.has_unembed:
         raise InputError(f"The report needs a causal language model with a tokenizer and an unembedding; "
