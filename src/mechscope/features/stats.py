@@ -220,40 +220,45 @@ class _State:
         """acts [B, T, F] of contexts first_ctx .. first_ctx + B - 1, whose tokens are tokens [B, T]."""
         B, T, F = acts.shape
         flat = acts.reshape(B * T, F)  # [N, F]
-        fired = flat > 0
-        self.count += fired.sum(0)
-        self.act_sum += flat.sum(0, dtype=torch.float64)
-        self.act_max = torch.maximum(self.act_max, flat.max(0).values)
-        # top-k: this batch's best k per feature, merged with the running ones. Ties go to the earliest token
-        # (the answer of a stable sort of every activation): topk over int64 keys (value bits, then reversed
-        # token index) is exact and ~15x faster than sorting [F, N]; the running entries (all earlier) sit
-        # before this batch's candidates in the small stable merge sort.
-        kk = min(self.k, B * T)
-        i = _topk_earliest(flat.T, kk)  # [F, kk] token index in the batch, best first
-        v = flat.T.gather(1, i)
-        c_row = torch.div(i, T, rounding_mode="floor")  # [F, kk] context row in the batch
-        cand_v = torch.cat([self.top_values, v], 1)
-        cand_c = torch.cat([self.top_context, first_ctx + c_row], 1)
-        cand_p = torch.cat([self.top_pos, i % T], 1)
-        v2, j = torch.sort(cand_v, dim=1, descending=True, stable=True)
-        v2, j = v2[:, : self.k], j[:, : self.k]
-        empty = v2 <= 0
-        self.top_values = v2.masked_fill(empty, 0.0)
-        self.top_context = cand_c.gather(1, j).masked_fill(empty, _EMPTY)
-        self.top_pos = cand_p.gather(1, j).masked_fill(empty, _EMPTY)
-        # the top contexts' tokens and the feature's activation on each of their tokens travel with them, so
-        # no second pass over the corpus is needed: [F, kk, T] gathered from this batch, merged like the values
-        f_idx = torch.arange(F)[:, None]
-        cand_tok = torch.cat([self.top_tokens, tokens[c_row]], 1)  # [F, k + kk, T]
-        cand_act = torch.cat([self.top_acts, acts.permute(2, 0, 1)[f_idx, c_row]], 1)  # [F, k + kk, T]
-        jj = j[..., None].expand(-1, -1, T)
-        self.top_tokens = cand_tok.gather(1, jj).masked_fill(empty[..., None], _EMPTY)
-        self.top_acts = cand_act.gather(1, jj).masked_fill(empty[..., None], 0.0)
+        tok, feat = (flat > 0).nonzero(as_tuple=True)  # [E] the firing (token, feature) pairs, token-major
+        a = flat[tok, feat]  # [E]
+        # sums over the firing entries only (activations are >= 0: the rest add nothing); float64 accumulation
+        self.count += torch.bincount(feat, minlength=F)
+        self.act_sum += torch.bincount(feat, weights=a.double(), minlength=F)
+        self.act_max.scatter_reduce_(0, feat, a, reduce="amax")
+        # top-k: this batch's best k per feature, merged with the running ones; ties go to the earliest token
+        # (the answer of a stable sort of every activation). Only features whose batch max beats their current
+        # k-th value can change (an equal value loses to the earlier entry), so after warm-up the candidates
+        # are computed for few features. The running entries (all earlier) sit before this batch's candidates
+        # in the small stable merge sort.
+        bmax = torch.zeros(F).scatter_reduce_(0, feat, a, reduce="amax")  # [F] this batch's max (0: silent)
+        sel = (bmax > self.top_values[:, -1]).nonzero().squeeze(1)  # [S]
+        if sel.numel():
+            kk = min(self.k, B * T)
+            x = flat[:, sel].T  # [S, N]
+            i = _topk_earliest(x, kk)  # [S, kk] token index in the batch, best first
+            v = x.gather(1, i)
+            c_row = torch.div(i, T, rounding_mode="floor")  # [S, kk] context row in the batch
+            cand_v = torch.cat([self.top_values[sel], v], 1)
+            cand_c = torch.cat([self.top_context[sel], first_ctx + c_row], 1)
+            cand_p = torch.cat([self.top_pos[sel], i % T], 1)
+            v2, j = torch.sort(cand_v, dim=1, descending=True, stable=True)
+            v2, j = v2[:, : self.k], j[:, : self.k]
+            empty = v2 <= 0
+            self.top_values[sel] = v2.masked_fill(empty, 0.0)
+            self.top_context[sel] = cand_c.gather(1, j).masked_fill(empty, _EMPTY)
+            self.top_pos[sel] = cand_p.gather(1, j).masked_fill(empty, _EMPTY)
+            # each entry's context tokens and the feature's activation on every one of them travel with it, so
+            # no second pass over the corpus is needed
+            jt = j[..., None].expand(-1, -1, T)  # [S, k, T]
+            cand_tok = torch.cat([self.top_tokens[sel], tokens[c_row]], 1)  # [S, k + kk, T]
+            cand_act = torch.cat([self.top_acts[sel], acts.permute(2, 0, 1)[sel[:, None], c_row]], 1)
+            e = empty[..., None]
+            self.top_tokens[sel] = cand_tok.gather(1, jt).masked_fill(e, _EMPTY)
+            self.top_acts[sel] = cand_act.gather(1, jt).masked_fill(e, 0.0)
         # histogram + per-bin samples over the firing (token, feature) pairs only
-        tok, feat = fired.nonzero(as_tuple=True)  # [E], token-major order
         if tok.numel() == 0:
             return
-        a = flat[tok, feat]
         b = _bin(a, self.bins)
         g = feat * self.bins + b  # [E] group (feature, bin)
         self.hist += torch.bincount(g, minlength=F * self.bins).view(F, self.bins)
@@ -267,31 +272,44 @@ class _State:
         rank = torch.arange(gs.numel()) - starts
         keep = order[rank < self.m]
         rk = rank[rank < self.m]
-        G = F * self.bins
-        new_p = torch.full((G, self.m), math.inf)
-        new_v, new_c, new_s = torch.zeros(G, self.m), torch.full((G, self.m), _EMPTY), torch.full((G, self.m), _EMPTY)
+        # merge into the running samples of the groups this batch touched only
         gk = g[keep]
-        new_p[gk, rk] = prio[keep]
-        new_v[gk, rk] = a[keep]
-        new_c[gk, rk] = first_ctx + torch.div(tok[keep], T, rounding_mode="floor")
-        new_s[gk, rk] = tok[keep] % T
-        cp = torch.cat([self.s_prio, new_p], 1)
-        p2, j = torch.topk(cp, self.m, dim=1, largest=False)
-        self.s_prio = p2
-        self.s_values = torch.cat([self.s_values, new_v], 1).gather(1, j)
-        self.s_context = torch.cat([self.s_context, new_c], 1).gather(1, j)
-        self.s_pos = torch.cat([self.s_pos, new_s], 1).gather(1, j)
+        ug, at = torch.unique(gk, return_inverse=True)  # [U] touched groups; at: row of each kept entry
+        U = ug.numel()
+        new_p = torch.full((U, self.m), math.inf)
+        new_v, new_c, new_s = torch.zeros(U, self.m), torch.full((U, self.m), _EMPTY), torch.full((U, self.m), _EMPTY)
+        new_p[at, rk] = prio[keep]
+        new_v[at, rk] = a[keep]
+        new_c[at, rk] = first_ctx + torch.div(tok[keep], T, rounding_mode="floor")
+        new_s[at, rk] = tok[keep] % T
+        p2, j = torch.topk(torch.cat([self.s_prio[ug], new_p], 1), self.m, dim=1, largest=False)
+        self.s_prio[ug] = p2
+        self.s_values[ug] = torch.cat([self.s_values[ug], new_v], 1).gather(1, j)
+        self.s_context[ug] = torch.cat([self.s_context[ug], new_c], 1).gather(1, j)
+        self.s_pos[ug] = torch.cat([self.s_pos[ug], new_s], 1).gather(1, j)
 
 
 def _topk_earliest(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [F, k] of the k largest entries of each row of x [F, N] (activations >= 0), ties broken by the
-    lowest index: one topk over int64 keys = (float bits << 32) | (2^32 - 1 - index). Non-negative float32 bit
-    patterns order like their values; negatives (never 'firing') are clamped to 0."""
-    bits = x.clamp(min=0).contiguous().view(torch.int32).long()  # [F, N]
-    idx = torch.arange(x.shape[1], dtype=torch.long)
-    keys = (bits << 32) | (0xFFFFFFFF - idx)
-    top = keys.topk(k, dim=1).values
-    return 0xFFFFFFFF - (top & 0xFFFFFFFF)
+    lowest index (what a stable sort of every entry gives). A plain topk, re-sorted by (value, index); rows
+    with a tie AT the k-th value (topk may have picked any of the tied entries) are redone exactly with one
+    topk over int64 keys = (float bits << 32) | (2^32 - 1 - index) (non-negative float32 bit patterns order
+    like their values)."""
+    x = x.clamp(min=0)
+    v, i = x.topk(k, dim=1)  # [F, k]
+    kth = v[:, -1:]
+    tied = ((x == kth).sum(1) > (v == kth).sum(1)) & (kth[:, 0] > 0)  # more entries equal the k-th than kept
+    # order the picked k by value desc, then index asc
+    i, _ = i.sort(dim=1)
+    v = x.gather(1, i)
+    _, o = v.sort(dim=1, descending=True, stable=True)
+    i = i.gather(1, o)
+    rows = tied.nonzero().squeeze(1)
+    if rows.numel():
+        bits = x[rows].contiguous().view(torch.int32).long()  # [R, N]
+        keys = (bits << 32) | (0xFFFFFFFF - torch.arange(x.shape[1], dtype=torch.long))
+        i[rows] = 0xFFFFFFFF - (keys.topk(k, dim=1).values & 0xFFFFFFFF)
+    return i
 
 
 def _edges(bins: int) -> torch.Tensor:
