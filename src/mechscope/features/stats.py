@@ -203,7 +203,7 @@ class _State:
         self.top_values = torch.zeros(F, k)
         self.top_context = torch.full((F, k), _EMPTY, dtype=torch.long)
         self.top_pos = torch.full((F, k), _EMPTY, dtype=torch.long)
-        self.top_tokens = torch.full((F, k, T), _EMPTY, dtype=torch.long)  # [F, k, T] tokens of each top context
+        self.top_tokens = torch.full((F, k, T), _EMPTY, dtype=torch.int32)  # [F, k, T] tokens of each top context
         self.top_acts = torch.zeros(F, k, T)  # [F, k, T] the feature's activation on each of them
         G = F * bins
         self.s_prio = torch.full((G, m), math.inf)  # bottom-k sampling priorities
@@ -251,7 +251,7 @@ class _State:
             # each entry's context tokens and the feature's activation on every one of them travel with it, so
             # no second pass over the corpus is needed
             jt = j[..., None].expand(-1, -1, T)  # [S, k, T]
-            cand_tok = torch.cat([self.top_tokens[sel], tokens[c_row]], 1)  # [S, k + kk, T]
+            cand_tok = torch.cat([self.top_tokens[sel], tokens.int()[c_row]], 1)  # [S, k + kk, T] (int32: half the copying)
             cand_act = torch.cat([self.top_acts[sel], acts.permute(2, 0, 1)[sel[:, None], c_row]], 1)
             e = empty[..., None]
             self.top_tokens[sel] = cand_tok.gather(1, jt).masked_fill(e, _EMPTY)
@@ -437,7 +437,7 @@ def feature_stats(
     res = FeatureStats(
         features=torch.arange(F) if feats is None else feats.clone(), n_tokens=st.n_tokens, n_contexts=st.consumed,
         count=st.count, act_sum=st.act_sum, act_max=st.act_max, hist=st.hist, hist_edges=_edges(hist_bins),
-        top_values=st.top_values, top_context=st.top_context, top_pos=st.top_pos, top_tokens=st.top_tokens,
+        top_values=st.top_values, top_context=st.top_context, top_pos=st.top_pos, top_tokens=st.top_tokens.long(),
         top_acts=st.top_acts, sample_values=st.s_values.view(G), sample_context=st.s_context.view(G),
         sample_pos=st.s_pos.view(G), logit_top_ids=lt, logit_top_values=ltv, logit_bottom_ids=lb,
         logit_bottom_values=lbv, meta={"settings": ident, "logit_effects_note": logit_note,
