@@ -110,12 +110,11 @@ def _lens(model, folder: Path, cfg: ReportConfig) -> dict[str, Any]:
 
     prompts = []
     for i, p in enumerate(LENS_PROMPTS):
-        res = logit_lens(model, p, positions=[-1], top_k=3)
-        top = res.top_tokens(1, model).strings  # [n][1][1][1]
-        prompts.append({"prompt": p, "top1": [row[0][0][0] for row in top], "labels": res.labels,
-                        "kl": [float(v) for v in res.kl_to_final]})
-        res_all = logit_lens(model, p, top_k=1)
-        lens_table_from_result(res_all, model, title=f"Logit lens: {p!r}").save(folder / f"lens_prompt{i}.png")
+        res = logit_lens(model, p, top_k=1)  # every position (the table plot); the last one is the prediction
+        top = res.top_tokens(1, model).strings  # [n][1][P][1]
+        prompts.append({"prompt": p, "top1": [row[0][-1][0] for row in top], "labels": res.labels,
+                        "kl": [float(v) for v in res.kl[:, 0, -1]]})
+        lens_table_from_result(res, model, title=f"Logit lens: {p!r}").save(folder / f"lens_prompt{i}.png")
     tuned = None
     if cfg.tuned_lens_steps > 0:
         tuned = TunedLens.fit(model, cfg.corpus, steps=cfg.tuned_lens_steps, context_len=cfg.context_len,
