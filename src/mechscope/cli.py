@@ -55,7 +55,7 @@ def inspect_model(name: str, parity: bool = True, out=None) -> dict:
         parity = False  # a native folder (zoo, processed model): transformers has no reference for it
     load_s = time.perf_counter() - t0
     cfg = model.cfg
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_params = model.n_parameters
     print(f"model      {name}  ({cfg.architecture}, loaded in {load_s:.1f}s from {folder})", file=out)
     print(f"parameters {n_params:,}", file=out)
     print("config", file=out)
@@ -74,10 +74,8 @@ def inspect_model(name: str, parity: bool = True, out=None) -> dict:
         _, cache = model.run_with_cache(tokens, attention_mask=mask, return_type=ret)
     print(f"hook points ({len(model.hook_names)}; shapes for a batch of {tokens.shape[0]} x {tokens.shape[1]} tokens)",
           file=out)
-    layer0 = [n for n in model.hook_names if not n.startswith("blocks.") or n.startswith("blocks.0.")]
-    for n in layer0:
-        shape = tuple(cache[n].shape) if n in cache else "(computed only when hooked)"
-        print(f"  {n.replace('blocks.0.', 'blocks.{l}.'):40s} {shape}", file=out)
+    for n, shape in model.hook_templates(cache):
+        print(f"  {n:40s} {shape or '(computed only when hooked)'}", file=out)
     summary = {"model": name, "architecture": cfg.architecture, "parameters": n_params, "load_s": load_s,
                "hook_points": len(model.hook_names)}
 

@@ -57,7 +57,7 @@ from mechscope.errors import InputError, OutputNotWritableError
 from mechscope.features.dashboard import _pick_rows, explanation_map, token_texts
 from mechscope.fileio import atomic_write_bytes
 
-__all__ = ["export_neuronpedia"]
+__all__ = ["export_neuronpedia", "neuronpedia_model_id", "neuronpedia_source_id"]
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SOURCE_ID = re.compile(r"^\d+-[A-Za-z0-9_.-]+$")
@@ -89,6 +89,22 @@ def _explanation_notes(explanations: Any) -> dict[int, str]:
         if src is not None and feat is not None:
             out[int(feat)] = str(src)
     return out
+
+
+def neuronpedia_model_id(name: str) -> str:
+    """A Neuronpedia model id for a model name: lowercase letters, digits, '-' and '.'."""
+    return re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-") or "model"
+
+
+def neuronpedia_source_id(hook: str, set_name: str = "mechscope") -> str:
+    """Neuronpedia's source id '{layer}-{kind}-{set}' for a hook: blocks.7.hook_resid_post -> 7-res-mechscope."""
+    m = re.match(r"blocks\.(\d+)\.(.*)", hook)
+    if not m:
+        return f"0-{neuronpedia_model_id(hook)}-{set_name}"
+    rest = m.group(2)
+    kind = ("res" if "resid" in rest else "mlp" if "mlp" in rest else "att" if "attn" in rest
+            else neuronpedia_model_id(rest))
+    return f"{m.group(1)}-{kind}-{set_name}"
 
 
 def export_neuronpedia(stats: Any, tokenizer: Any, out: str | Path, *, model_id: str, source_id: str,

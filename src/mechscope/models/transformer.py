@@ -86,6 +86,17 @@ class HookedTransformer(nn.Module):
     def hook_names(self) -> list[str]:
         return list(self.hook_dict)
 
+    @property
+    def n_parameters(self) -> int:
+        """Parameter count, tied weights (e.g. embedding = unembedding) counted once."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def hook_templates(self, cache) -> list[tuple[str, tuple[int, ...] | None]]:
+        """(name with 'blocks.{l}.' for per-layer hooks, shape in `cache` or None) for each hook point of layer 0
+        and outside the blocks: the model's hook vocabulary, as `mechscope inspect` and the report list it."""
+        names = [n for n in self.hook_names if not n.startswith("blocks.") or n.startswith("blocks.0.")]
+        return [(n.replace("blocks.0.", "blocks.{l}."), tuple(cache[n].shape) if n in cache else None) for n in names]
+
     def _match(self, name_or_fn: str | Callable[[str], bool], kind: str = "hook name") -> list[HookPoint]:
         """Resolve a hook name, glob ('blocks.*.hook_resid_post') or predicate to hook points."""
         if callable(name_or_fn):

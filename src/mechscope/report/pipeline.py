@@ -88,18 +88,12 @@ def _log(msg: str) -> None:
 
 def _model_card(model, name: str, load_s: float) -> dict[str, Any]:
     cfg = model.cfg
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     tokens = torch.tensor([[model.tokenizer.bos_token_id or 0] + [100] * 7]) if model.tokenizer else \
         torch.zeros(1, 8, dtype=torch.long)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens.to(model.device), return_type=None)
-    hooks = []
-    for n in model.hook_names:
-        if n.startswith("blocks.") and not n.startswith("blocks.0."):
-            continue
-        hooks.append({"name": n.replace("blocks.0.", "blocks.{l}."),
-                      "shape": list(cache[n].shape) if n in cache else None})
-    return {"name": name, "architecture": cfg.architecture, "parameters": n_params, "load_seconds": load_s,
+    hooks = [{"name": n, "shape": list(shape) if shape else None} for n, shape in model.hook_templates(cache)]
+    return {"name": name, "architecture": cfg.architecture, "parameters": model.n_parameters, "load_seconds": load_s,
             "config": {k: v for k, v in cfg.to_dict().items() if v not in (None, [], {})},
             "n_hook_points": len(model.hook_names), "hooks": hooks}
 
