@@ -122,7 +122,7 @@ def harvest_command(args) -> dict:
     if args.field != "text":
         from mechscope.data.packing import contexts as make_contexts
 
-        contexts = make_contexts(cfg.corpus, model._need_tokenizer(), cfg.context_len, seed=cfg.seed,
+        contexts = make_contexts(cfg.corpus, model.require_tokenizer(), cfg.context_len, seed=cfg.seed,
                                  split=cfg.split, field=args.field, prepend_bos=cfg.prepend_bos)
     t0 = time.perf_counter()
     harvest(model, cfg, args.out, contexts=contexts, progress=not args.no_progress, overwrite=args.overwrite)

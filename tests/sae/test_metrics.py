@@ -143,7 +143,7 @@ def test_splice_mismatch_errors(lm, ctx):
         M.splice_metrics(identity_coder(16, hook_in=HOOK), lm, contexts=ctx, n_contexts=2)
     with pytest.raises(InputError, match="no hook_in"):
         M.splice_metrics(identity_coder(32), lm, contexts=ctx, n_contexts=2)
-    from mechscope.data.harvest import model_identity
+    from mechscope.models.identity import model_identity
 
     other = identity_coder(32, hook_in=HOOK, model_identity=model_identity(make_tiny_lm(1)))
     with pytest.raises(StoreMismatchError, match="trained on"):

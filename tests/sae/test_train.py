@@ -228,7 +228,7 @@ def store(model, tmp_path_factory):
 
 
 def test_train_from_a_store_resumes_exactly_and_serves_several_hooks(store, model, tmp_path):
-    from mechscope.data.harvest import model_identity
+    from mechscope.models.identity import model_identity
 
     hp = dict(arch="topk", n_latents=64, k=4, steps=12, batch_size=256)
     kw = dict(progress=False, log_every=1, **hp)

@@ -75,8 +75,8 @@ def _pair(model: Any, clean: Prompts, corrupted: Prompts, attention_mask: Any, p
     """Tokenize like activation_patching (text is left-padded) and require the same padding in both runs:
     edges are compared position by position. Returns (clean [B, T], corrupted [B, T], mask [B, T] or None)."""
     ct, xt, cm, xm = _tokenize_pair(model, clean, corrupted, attention_mask, prepend_bos)
-    ct, cm = model._prepare(ct, cm, None, "left")
-    xt, xm = model._prepare(xt, xm, None, "left")
+    ct, cm = model.prepare(ct, cm, None, "left")
+    xt, xm = model.prepare(xt, xm, None, "left")
     if (cm is None) != (xm is None) or (cm is not None and not torch.equal(cm, xm)):
         raise PromptMismatchError("Clean and corrupted prompts are padded differently; their real tokens must sit "
                                   "at the same positions (same token counts per pair, or one attention_mask).")

@@ -164,7 +164,7 @@ def direct_logit_attribution(model, tokens: Any, target: Any, *, position: int |
     want = _components(components)
     _check_model(model, want)
     c = model.cfg
-    tokens, mask = model._prepare(tokens, attention_mask, None, "right")
+    tokens, mask = model.prepare(tokens, attention_mask, None, "right")
     B, T = tokens.shape
     pos = _positions(position, mask, B, T, tokens.device)
 

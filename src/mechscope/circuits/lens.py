@@ -217,7 +217,7 @@ def _bos_id(model) -> int | None:
 def _collect(model, tokens: Tokens, attention_mask, rows: list[int], positions, exclude_bos: bool) -> _Batch:
     """One forward: the residuals of `rows` and the final log-probs at `positions`."""
     check_lens_model(model)
-    tokens, mask = model._prepare(tokens, attention_mask, None, "right")
+    tokens, mask = model.prepare(tokens, attention_mask, None, "right")
     B, T = tokens.shape
     n = model.cfg.n_layers
     names = [f"blocks.{r}.hook_resid_pre" if r < n else f"blocks.{n - 1}.hook_resid_post" for r in rows]
@@ -348,7 +348,7 @@ class TunedLensTrainConfig:
 
 
 def _model_id(model) -> dict[str, Any]:
-    from mechscope.data.harvest import model_identity
+    from mechscope.models.identity import model_identity
 
     return model_identity(model)
 
@@ -605,7 +605,7 @@ def _training_contexts(model, text: Any, tokens: int | None, context_len: int, b
     if tokens is not None and (not isinstance(tokens, int) or tokens < context_len):
         raise InputError(f"tokens must be an int >= context_len ({context_len}), got {tokens!r}.")
     n_ctx = math.ceil(tokens / context_len) if tokens is not None else steps * batch_size
-    tok = model._need_tokenizer()
+    tok = model.require_tokenizer()
     packed = contexts(text, tok, context_len, split=split, seed=seed,
                       prepend_bos=getattr(tok, "bos_token_id", None) is not None)
     rows = list(islice(iter(packed), n_ctx))

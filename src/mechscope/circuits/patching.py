@@ -564,8 +564,8 @@ def activation_patching(
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size (patches per forward pass) must be a positive int, got {batch_size!r}.")
     c_tok, k_tok, c_mask, k_mask = _tokenize_pair(model, clean, corrupted, attention_mask, prepend_bos)
-    c_tok, c_mask = model._prepare(c_tok, c_mask, None, "right")
-    k_tok, k_mask = model._prepare(k_tok, k_mask, None, "right")
+    c_tok, c_mask = model.prepare(c_tok, c_mask, None, "right")
+    k_tok, k_mask = model.prepare(k_tok, k_mask, None, "right")
     src_tok, src_mask, base_tok, base_mask = ((c_tok, c_mask, k_tok, k_mask) if direction == "denoise"
                                               else (k_tok, k_mask, c_tok, c_mask))
     B, T = base_tok.shape

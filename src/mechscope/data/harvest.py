@@ -16,7 +16,6 @@ does not grow with the number of tokens.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import threading
@@ -30,6 +29,7 @@ import torch
 from mechscope.data.stats import RunningStats
 from mechscope.errors import CorruptFileError, InputError, StoreMismatchError, StoreWriteError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
+from mechscope.models.identity import model_identity, same_model
 
 FORMAT = "mechscope.activations"
 VERSION = 1
@@ -81,36 +81,16 @@ class HarvestConfig:
 # ---------------------------------------------------------------------------- model identity
 
 
-def model_identity(model) -> dict[str, Any]:
-    """What a store records about its model, to refuse reading it with another one.
-
-    config_hash ignores dtype and name (a bf16 harvest may be read with the fp32 model);
-    the weight fingerprint hashes a slice of W_E rounded to bf16, which is the same whether
-    the model was loaded in fp32 or bf16 but differs between checkpoints.
-    """
-    cfg = model.cfg.to_dict()
-    for k in ("dtype", "model_name"):
-        cfg.pop(k, None)
-    config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-    w = model.embed.weight.detach()[:16].to("cpu", torch.bfloat16).view(torch.int16)
-    fingerprint = hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
-    return {
-        "name": model.cfg.model_name, "architecture": model.cfg.architecture, "config_hash": config_hash,
-        "weights_fingerprint": fingerprint, "dtype": str(model.dtype).removeprefix("torch."),
-        "processing": list(model.cfg.processing), "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
-    }
-
-
 def check_model(manifest: dict[str, Any], model, where: str) -> None:
     """Raise StoreMismatchError if `model` is not the model the store was harvested from."""
     want, have = manifest["model"], model_identity(model)
-    for key in ("config_hash", "weights_fingerprint", "processing"):
-        if want[key] != have[key]:
-            raise StoreMismatchError(
-                f"{where} was harvested from {want['name']!r} ({key} {want[key]}), but the model given is "
-                f"{have['name']!r} ({key} {have[key]}). Use the same model (and the same process_weights "
-                "settings), or harvest again into a new folder."
-            )
+    key = same_model(want, have)
+    if key is not None:
+        raise StoreMismatchError(
+            f"{where} was harvested from {want['name']!r} ({key} {want[key]}), but the model given is "
+            f"{have['name']!r} ({key} {have[key]}). Use the same model (and the same process_weights "
+            "settings), or harvest again into a new folder."
+        )
 
 
 # ---------------------------------------------------------------------------- shard I/O
@@ -282,7 +262,7 @@ def harvest(model, cfg: HarvestConfig, out: str | Path, *, contexts=None, progre
     out = Path(out)
     _check_hooks(model, cfg.hooks)
     if contexts is None:
-        contexts = make_contexts(cfg.corpus, model._need_tokenizer(), cfg.context_len, seed=cfg.seed,
+        contexts = make_contexts(cfg.corpus, model.require_tokenizer(), cfg.context_len, seed=cfg.seed,
                                  split=cfg.split, prepend_bos=cfg.prepend_bos)
     manifest = {
         "format": FORMAT, "version": VERSION, "config": asdict(cfg), "model": model_identity(model),

@@ -26,7 +26,7 @@ def stream_batches(model, cfg: HarvestConfig, batch_size: int, *, contexts=None,
 
     _check_hooks(model, cfg.hooks)
     if contexts is None:
-        contexts = make_contexts(cfg.corpus, model._need_tokenizer(), cfg.context_len, seed=cfg.seed,
+        contexts = make_contexts(cfg.corpus, model.require_tokenizer(), cfg.context_len, seed=cfg.seed,
                                  split=cfg.split, prepend_bos=cfg.prepend_bos)
     buffer_tokens = max(buffer_tokens, 2 * batch_size)
     keys = list(cfg.hooks) + (["tokens", "context_ids", "positions"] if with_tokens else [])

@@ -46,7 +46,7 @@ def neuron_coder(model, layer: int, *, k: int | None = None) -> SparseCoder:
     d_mlp = c.d_mlp
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= d_mlp):
         raise InputError(f"k must be None or an int in [1, d_mlp={d_mlp}], got {k!r}.")
-    from mechscope.data.harvest import model_identity
+    from mechscope.models.identity import model_identity
 
     mlp = model.blocks[layer].mlp
     w_out = mlp.W_out.detach().float()  # [d_mlp, d_model]

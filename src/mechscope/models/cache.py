@@ -289,7 +289,7 @@ class ActivationCache(Mapping):
 
     def _tokens(self, tokens: int | str | torch.Tensor) -> torch.Tensor:
         if isinstance(tokens, str):
-            ids = self.model._need_tokenizer()(tokens, add_special_tokens=False)["input_ids"]
+            ids = self.model.require_tokenizer()(tokens, add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
                 raise InputError(f"{tokens!r} is {len(ids)} tokens; logit_attrs needs single tokens.")
             tokens = ids[0]

@@ -76,7 +76,7 @@ def generate(
     if text_in:
         tokens, mask = model.to_tokens(input, prepend_bos, padding_side="left", return_mask=True)
     else:
-        tokens, mask = model._prepare(input, attention_mask, prepend_bos, "left")
+        tokens, mask = model.prepare(input, attention_mask, prepend_bos, "left")
         mask = torch.ones_like(tokens) if mask is None else mask
         if not bool(mask[:, -1].all()):  # right-padded: move each row's real tokens to the end
             order = torch.argsort(mask, dim=1, stable=True)  # pads (0) first, real tokens keep their order

@@ -11,6 +11,7 @@ optional things at all (per-head results, explicit attention patterns).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -21,6 +22,21 @@ from mechscope.errors import InputError
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 Direction = Literal["fwd", "bwd"]
+
+# the hook-name grammar: "blocks.{layer}.{rest}" inside the blocks, anything else outside them
+_BLOCK_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def split_hook_name(name: str) -> tuple[int | None, str]:
+    """'blocks.3.attn.hook_z' -> (3, 'attn.hook_z'); 'ln_final.hook_normalized' -> (None, 'ln_final.hook_normalized')."""
+    m = _BLOCK_NAME.fullmatch(name)
+    return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+def layer_of(name: str) -> int | None:
+    """The block index of a hook name ('blocks.3.hook_resid_post' -> 3), None outside the blocks
+    (embeddings, ln_final, unembed). The one place that parses hook names."""
+    return split_hook_name(name)[0]
 
 
 class HookHandle:

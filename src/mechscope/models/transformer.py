@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -29,7 +28,7 @@ from mechscope.errors import (
 from mechscope.models.cache import ActivationCache, LazyStore, LazyTensor
 from mechscope.models.components import Block, Embed, KVCache, MLMHead, Norm, Rotary
 from mechscope.models.config import ModelConfig
-from mechscope.models.hooks import HookFn, HookPoint
+from mechscope.models.hooks import HookFn, HookPoint, layer_of
 
 ReturnType = Literal["logits", "loss", "both", "resid"] | None
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -134,14 +133,15 @@ class HookedTransformer(nn.Module):
                 h.remove()
 
     # ------------------------------------------------------------------ tokenization
-    def _need_tokenizer(self):
+    def require_tokenizer(self):
+        """The tokenizer, or InputError saying that this model needs token ids."""
         if self.tokenizer is None:
             raise InputError("This model has no tokenizer; pass token ids (a LongTensor [batch, pos]).")
         return self.tokenizer
 
     def default_prepend_bos(self) -> bool:
         """Follow the tokenizer's own default: does encoding plain text add BOS?"""
-        tok = self._need_tokenizer()
+        tok = self.require_tokenizer()
         if getattr(self, "_bos_default", None) is None:
             ids = tok("a", add_special_tokens=True)["input_ids"]
             self._bos_default = tok.bos_token_id is not None and len(ids) > 0 and ids[0] == tok.bos_token_id
@@ -160,7 +160,7 @@ class HookedTransformer(nn.Module):
         prepend_bos=None follows the tokenizer's default; True/False forces it. Padding uses
         the tokenizer's pad token (or EOS) on the given side.
         """
-        tok = self._need_tokenizer()
+        tok = self.require_tokenizer()
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or any(not isinstance(t, str) for t in texts):
             raise InputError("to_tokens needs a string or a non-empty list of strings.")
@@ -195,7 +195,7 @@ class HookedTransformer(nn.Module):
         return (tokens, mask) if return_mask else tokens
 
     def to_string(self, tokens: torch.Tensor | Sequence[int]) -> str | list[str]:
-        tok = self._need_tokenizer()
+        tok = self.require_tokenizer()
         if isinstance(tokens, torch.Tensor) and tokens.dim() == 2:
             return [tok.decode(t.tolist()) for t in tokens]
         ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
@@ -203,7 +203,7 @@ class HookedTransformer(nn.Module):
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token (no BOS), e.g. " Paris"."""
-        ids = self._need_tokenizer()(string, add_special_tokens=False)["input_ids"]
+        ids = self.require_tokenizer()(string, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise InputError(f"{string!r} is {len(ids)} tokens, not one: {self.tokenizer.convert_ids_to_tokens(ids)}.")
         return ids[0]
@@ -224,8 +224,11 @@ class HookedTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def _prepare(self, input, attention_mask, prepend_bos, padding_side, past: int = 0):
-        """Validate input, tokenizing text; returns tokens [B, T] and mask [B, T] or None."""
+    def prepare(self, input, attention_mask: torch.Tensor | None = None, prepend_bos: bool | None = None,
+                padding_side: Literal["left", "right"] = "right", past: int = 0):
+        """Validate model input, tokenizing text: returns tokens [B, T] (long, on the model's device) and the
+        attention mask [B, past + T] (long) or None when every position is real. Text is padded on
+        `padding_side`; token ids are checked against the vocabulary and the mask against their shape."""
         if isinstance(input, str) or (isinstance(input, list | tuple) and input and isinstance(input[0], str)):
             tokens, mask = self.to_tokens(input, prepend_bos, padding_side, return_mask=True)
             return tokens, (mask if not bool(mask.all()) else None)
@@ -312,7 +315,7 @@ class HookedTransformer(nn.Module):
         c = self.cfg
         if start_at_layer is None:
             past = kv_cache.length if kv_cache is not None else 0
-            tokens, attention_mask = self._prepare(input, attention_mask, prepend_bos, padding_side, past)
+            tokens, attention_mask = self.prepare(input, attention_mask, prepend_bos, padding_side, past)
             B, T = tokens.shape
             if past + T > c.n_ctx and c.positional == "learned":
                 raise ContextLengthError(
@@ -487,10 +490,10 @@ class HookedTransformer(nn.Module):
     def _last_layer(points: list[HookPoint]) -> int | None:
         layers = []
         for p in points:
-            m = re.match(r"blocks\.(\d+)\.", p.name)
-            if not m:
+            layer = layer_of(p.name)
+            if layer is None:
                 return None  # something after the blocks (ln_final, unembed) was requested
-            layers.append(int(m.group(1)))
+            layers.append(layer)
         return max(layers) if layers else None
 
     # ------------------------------------------------------------------ generation

