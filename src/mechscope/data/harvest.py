@@ -231,7 +231,7 @@ class _ShardWriter:
 # ---------------------------------------------------------------------------- harvest
 
 
-def _token_rows(cfg: HarvestConfig, tokens: torch.Tensor, first_ctx: int) -> dict[str, torch.Tensor]:
+def token_rows(cfg: HarvestConfig, tokens: torch.Tensor, first_ctx: int) -> dict[str, torch.Tensor]:
     """Per-row token ids, global context ids and positions of a [B, T] batch, after dropping BOS."""
     B, T = tokens.shape
     start = int(cfg.drop_first)
@@ -240,7 +240,7 @@ def _token_rows(cfg: HarvestConfig, tokens: torch.Tensor, first_ctx: int) -> dic
     return {"tokens": tokens[:, start:].reshape(-1).to(torch.int32), "context_ids": ctx, "positions": pos}
 
 
-def _check_hooks(model, hooks: list[str]) -> None:
+def check_hooks(model, hooks: list[str]) -> None:
     from mechscope.errors import HookNameError, unknown_name_message
 
     for h in hooks:
@@ -260,7 +260,7 @@ def harvest(model, cfg: HarvestConfig, out: str | Path, *, contexts=None, progre
     from mechscope.data.packing import contexts as make_contexts
 
     out = Path(out)
-    _check_hooks(model, cfg.hooks)
+    check_hooks(model, cfg.hooks)
     if contexts is None:
         contexts = make_contexts(cfg.corpus, model.require_tokenizer(), cfg.context_len, seed=cfg.seed,
                                  split=cfg.split, prepend_bos=cfg.prepend_bos)
@@ -340,9 +340,9 @@ def _run(model, cfg: HarvestConfig, out: Path, contexts, manifest: dict[str, Any
                 tokens = next(batches, None)
                 if tokens is None:
                     break
-                acts = _forward(model, tokens, cfg)
+                acts = harvest_rows(model, tokens, cfg)
                 if cfg.keep_tokens:
-                    acts |= _token_rows(cfg, tokens, ctx_done)
+                    acts |= token_rows(cfg, tokens, ctx_done)
                     ctx_list.append(tokens.to(torch.int32))
                 take = min(cfg.n_tokens - rows_done, tokens.shape[0] * cfg.rows_per_context)
                 for k, v in acts.items():
@@ -391,7 +391,7 @@ def _batches(contexts, skip: int, batch_size: int) -> Iterator[torch.Tensor]:
     yield from source.batches(batch_size)
 
 
-def _forward(model, tokens: torch.Tensor, cfg: HarvestConfig) -> dict[str, torch.Tensor]:
+def harvest_rows(model, tokens: torch.Tensor, cfg: HarvestConfig) -> dict[str, torch.Tensor]:
     """One forward pass, stopped after the last needed layer; rows [B*T', *shape] per hook."""
     _, cache = model.run_with_cache(tokens.to(model.device), names_filter=cfg.hooks, return_type=None)
     start = int(cfg.drop_first)

@@ -48,7 +48,7 @@ def split_text(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
         yield text[start:]
 
 
-def _as_tokenizer(tokenizer: Any) -> Any:
+def as_tokenizer(tokenizer: Any) -> Any:
     """Accept a tokenizer, or anything holding one in `.tokenizer` (e.g. a HookedTransformer)."""
     if not hasattr(tokenizer, "get_vocab") and hasattr(tokenizer, "tokenizer"):
         tokenizer = tokenizer.tokenizer
@@ -59,7 +59,7 @@ def _as_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _vocab_size(tok: Any) -> int:
+def tokenizer_vocab_size(tok: Any) -> int:
     if hasattr(tok, "get_vocab_size"):  # tokenizers.Tokenizer
         return int(tok.get_vocab_size(with_added_tokens=True))
     return len(tok)
@@ -113,7 +113,7 @@ def _special_ids(
             )
     elif separator == "bos":
         sep = bos
-    vocab = _vocab_size(tok)
+    vocab = tokenizer_vocab_size(tok)
     for what, i in (("bos_token_id", bos), ("separator token id", sep)):
         if i is not None and (not isinstance(i, int) or not 0 <= i < vocab):
             raise InputError(f"{what} {i!r} is not a token id in [0, {vocab}).")
@@ -259,7 +259,7 @@ def describe_tokenizer(tok: Any) -> dict[str, Any]:
     return {
         "class": type(tok).__name__,
         "name_or_path": getattr(tok, "name_or_path", None),
-        "vocab_size": _vocab_size(tok),
+        "vocab_size": tokenizer_vocab_size(tok),
         "fingerprint": tokenizer_fingerprint(tok),
     }
 
@@ -285,7 +285,7 @@ class PackedContexts:
     ):
         _check_settings(context_len, prepend_bos, batch_docs, max_doc_chars, piece_chars)
         self.source = source if isinstance(source, TextSource) else text_source(source)
-        self.tokenizer = _as_tokenizer(tokenizer)
+        self.tokenizer = as_tokenizer(tokenizer)
         self.context_len = context_len
         self.prepend_bos = prepend_bos
         self.separator = separator

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from mechscope.data.harvest import HarvestConfig, _check_hooks, _forward, _token_rows
+from mechscope.data.harvest import HarvestConfig, check_hooks, harvest_rows, token_rows
 from mechscope.data.stats import RunningStats
 
 Batch = dict[str, torch.Tensor]
@@ -24,7 +24,7 @@ def stream_batches(model, cfg: HarvestConfig, batch_size: int, *, contexts=None,
     """Shuffled mini-batches of cfg.hooks activations over cfg.n_tokens rows (a tensor if one hook)."""
     from mechscope.data.packing import contexts as make_contexts
 
-    _check_hooks(model, cfg.hooks)
+    check_hooks(model, cfg.hooks)
     if contexts is None:
         contexts = make_contexts(cfg.corpus, model.require_tokenizer(), cfg.context_len, seed=cfg.seed,
                                  split=cfg.split, prepend_bos=cfg.prepend_bos)
@@ -48,9 +48,9 @@ def stream_batches(model, cfg: HarvestConfig, batch_size: int, *, contexts=None,
             if tokens is None:
                 exhausted = True
                 break
-            acts = _forward(model, tokens, cfg)
+            acts = harvest_rows(model, tokens, cfg)
             if with_tokens:
-                acts |= _token_rows(cfg, tokens, ctx_done)
+                acts |= token_rows(cfg, tokens, ctx_done)
             take = min(cfg.n_tokens - produced, tokens.shape[0] * cfg.rows_per_context)
             for k in keys:
                 fresh[k].append(acts[k][:take])

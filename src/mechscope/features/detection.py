@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from mechscope.data.packing import PackedContexts, _as_tokenizer, contexts
+from mechscope.data.packing import PackedContexts, as_tokenizer, contexts
 from mechscope.data.sources import TextSource
 from mechscope.errors import (
     ArtifactMismatchError,
@@ -351,7 +351,7 @@ class LLMDetector:
         if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
             raise InputError(f"per_prompt must be an int >= 1, got {per_prompt!r}.")
         self.explainer = explainer
-        self.tokenizer = _as_tokenizer(tokenizer)
+        self.tokenizer = as_tokenizer(tokenizer)
         self.per_prompt = per_prompt
         self.seed = seed
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mechscope.data.packing import PackedContexts, _as_tokenizer, _vocab_size
+from mechscope.data.packing import PackedContexts, as_tokenizer, tokenizer_vocab_size
 from mechscope.errors import CorruptFileError, ExplainerError, InputError, OutputNotWritableError
 from mechscope.fileio import atomic_write_json
 
@@ -279,14 +279,14 @@ def explain_offline(
     n_contexts, artifact (model/coder id).
     """
     _check_stats(stats)
-    tok = _as_tokenizer(tokenizer)
+    tok = as_tokenizer(tokenizer)
     _check_int("max_terms", max_terms, 1)
     _check_int("window", window, 1)
     _check_float("min_share", min_share, 0.0, 1.0)
     _check_float("threshold", threshold, 0.0, 1.0)
     rows = _rows(stats, features)
     all_tokens = stats.top_tokens
-    V = max(_vocab_size(tok), int(all_tokens.max()) + 1 if all_tokens.numel() else 1)
+    V = max(tokenizer_vocab_size(tok), int(all_tokens.max()) + 1 if all_tokens.numel() else 1)
     if background is not None:
         background = torch.as_tensor(background)
         if background.dim() != 1 or background.numel() < V:
@@ -588,7 +588,7 @@ def explain_llm(
     if not callable(explainer):
         raise InputError(f"explainer must be a callable (prompt: str) -> str or an OpenAIExplainer, got "
                          f"{type(explainer).__name__}.")
-    tok = _as_tokenizer(tokenizer)
+    tok = as_tokenizer(tokenizer)
     _check_int("n_examples", n_examples, 1)
     _check_float("threshold", threshold, 0.0, 1.0)
     rows = _rows(stats, features)

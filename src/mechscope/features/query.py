@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mechscope.data.packing import _as_tokenizer, make_encoder, tokenizer_fingerprint
+from mechscope.data.packing import as_tokenizer, make_encoder, tokenizer_fingerprint
 from mechscope.errors import ArtifactMismatchError, ContextLengthError, InputError
 from mechscope.features.stats import FeatureStats, _acts_fn, _check, _without_token
 
@@ -151,7 +151,7 @@ def search_features(stats: FeatureStats, tokenizer, query: str, *, top_n: int = 
     is tokenized)."""
     if not isinstance(top_n, int) or top_n < 1:
         raise InputError(f"top_n must be an int >= 1, got {top_n!r}.")
-    tok = _as_tokenizer(tokenizer)
+    tok = as_tokenizer(tokenizer)
     want = (stats.meta.get("settings") or {}).get("stream", {}).get("tokenizer", {}).get("fingerprint")
     if want is not None and want != tokenizer_fingerprint(tok):
         raise ArtifactMismatchError("These feature stats were made with another tokenizer (vocabulary fingerprint "

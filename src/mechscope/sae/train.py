@@ -281,10 +281,10 @@ class StreamSource(BatchSource):
     the batches already consumed (same model, text and seed give the same batches)."""
 
     def __init__(self, model, hooks: list[str], text: Any, batch_size: int, seed: int, n_tokens: int) -> None:
-        from mechscope.data.harvest import HarvestConfig, _check_hooks
+        from mechscope.data.harvest import HarvestConfig, check_hooks
         from mechscope.models.identity import model_identity
 
-        _check_hooks(model, hooks)
+        check_hooks(model, hooks)
         self.model, self.hooks, self.batch_size, self.seed = model, hooks, batch_size, seed
         kw: dict[str, Any] = {}
         self.contexts = None
