@@ -1,5 +1,6 @@
 """mechscope: open up transformer language models and explain how they produce what they produce."""
 
+from mechscope import interventions
 from mechscope.data.harvest import HarvestConfig
 from mechscope.data.store import ActivationStore
 from mechscope.errors import (
@@ -10,6 +11,7 @@ from mechscope.errors import (
     EmptyCorpusError,
     ExplainerError,
     HookNameError,
+    HookReturnError,
     InputError,
     MechscopeError,
     MissingDependencyError,
@@ -40,6 +42,7 @@ __all__ = [
     "ExplainerError",
     "HarvestConfig",
     "HookNameError",
+    "HookReturnError",
     "HookPoint",
     "HookedTransformer",
     "InputError",
@@ -55,4 +58,5 @@ __all__ = [
     "UnknownFormatError",
     "UnsupportedArchitectureError",
     "UnsupportedQuantizationError",
+    "interventions",
 ]

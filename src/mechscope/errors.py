@@ -116,3 +116,8 @@ class ArtifactMismatchError(MechscopeError):
 
 class ExplainerError(MechscopeError):
     """An explainer (LLM callable or endpoint) failed or answered something unusable."""
+
+
+class HookReturnError(InputError):
+    """A hook function returned something that cannot replace the activation (wrong type, shape, dtype or
+    device): the message names the hook point."""

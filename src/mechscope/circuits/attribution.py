@@ -40,7 +40,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from mechscope.circuits.graph import Graph, GraphShape
 from mechscope.circuits.patching import _axes, _tokenize_pair, check_metric_value, resolve_hook
@@ -94,19 +93,9 @@ def _scalar(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    """The block's norm applied to x [..., D] without passing through its hook points (same maths as
-    Norm.forward_unhooked_scale: we call it from inside hooks on that very norm)."""
-    if norm is None:
-        return x
-    w = None if norm.w is None else norm.w.to(x.dtype)
-    b = None if norm.b is None else norm.b.to(x.dtype)
-    if norm.kind == "LN":
-        return F.layer_norm(x, (norm.d,), w, b, norm.eps)
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
-    if w is not None:
-        y = y * w
-    return y + b if b is not None else y
+    """The block's norm applied to x [..., D] without passing through its hook points (we call it from inside
+    hooks on that very norm); identity where the block has no norm."""
+    return x if norm is None else norm.normalize(x)
 
 
 def _norm_vjp(norm: Any, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mechscope.errors import CorruptFileError, InputError, StoreMismatchError
@@ -71,25 +70,12 @@ def check_lens_model(model) -> None:
 
 
 def decode_resid(model, resid: torch.Tensor) -> torch.Tensor:
-    """resid [..., D] -> logits [..., V]: the model's final norm (fresh statistics per row), unembedding and
-    soft-capping, computed in resid's dtype. With resid in the model's dtype this is the model's own tail."""
-    c, x = model.cfg, resid
-    if c.final_norm:
-        n = model.ln_final
-        w = None if n.w is None else n.w.detach().to(x.dtype)
-        b = None if n.b is None else n.b.detach().to(x.dtype)
-        if n.kind == "LN":
-            x = F.layer_norm(x, (n.d,), w, b, n.eps)
-        else:  # as Norm.forward_unhooked_scale (float32 statistics, cast back before the weight), without its hook
-            xf = x.float()
-            x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.eps)).to(x.dtype)
-            x = x * w if w is not None else x
-            x = x + b if b is not None else x
-    u = model.unembed
-    logits = F.linear(x, u.weight.detach().to(x.dtype), None if u.bias is None else u.bias.detach().to(x.dtype))
-    if c.final_softcap is not None:
-        logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
-    return logits
+    """resid [..., D] -> logits [..., V]: the model's own head (final norm with fresh statistics per row,
+    unembedding, soft-capping) without its hook points, computed in resid's dtype."""
+    shape = resid.shape
+    x = resid.reshape(-1, 1, shape[-1]) if resid.dim() != 3 else resid
+    logits = model.head(x, hooks=False)
+    return logits.reshape(*shape[:-1], logits.shape[-1])
 
 
 def _neg_entropy(logp: torch.Tensor) -> torch.Tensor:

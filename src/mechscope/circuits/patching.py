@@ -24,7 +24,6 @@ batched form, so the sweep unembeds only those positions and scores all patches 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -33,6 +32,9 @@ import torch
 
 from mechscope.errors import HookNameError, InputError, MetricError, PromptMismatchError, unknown_name_message
 from mechscope.models.cache import act_name
+from mechscope.models.components import KVPrefix, KVRecorder
+from mechscope.models.hooks import layer_of
+from mechscope.models.interventions import Intervention
 from mechscope.models.transformer import HookedTransformer
 
 Granularity = Literal["layer", "position", "head", "head_position", "neuron"]
@@ -247,9 +249,10 @@ def _tokenize_pair(model: HookedTransformer, clean: Prompts, corrupted: Prompts,
 
 
 def _layer_of(model: HookedTransformer, name: str) -> int:
-    m = re.match(r"blocks\.(\d+)\.", name)
-    if m:
-        return int(m.group(1))
+    """The block a patch at `name` joins the batch at: -1 for the embeddings, n_layers for ln_final."""
+    layer = layer_of(name)
+    if layer is not None:
+        return layer
     if name in _EMBED_HOOKS:
         return -1
     if name.startswith("ln_final."):
@@ -332,37 +335,6 @@ def _pos_dim(name: str) -> int:
 # ============================================================================ the batched engine
 
 
-class _PrefixKV:
-    """Stands in for a KVCache: prepends the unpatched run's keys/values of positions < p0 (the same for
-    every patch) to the keys/values computed for positions >= p0."""
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], p0: int) -> None:
-        self.k, self.v, self.p0 = keys, values, p0
-
-    def _cat(self, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        B = prefix.shape[0]
-        R, Tn = new.shape[:2]
-        out = new.new_empty((R, self.p0 + Tn, *new.shape[2:]))
-        out.view(R // B, B, *out.shape[1:])[:, :, : self.p0] = prefix[:, : self.p0]
-        out[:, self.p0 :] = new
-        return out
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._cat(self.k[layer], k), self._cat(self.v[layer], v)
-
-
-class _RecordKV:
-    """Stands in for a KVCache in the unpatched run: records each layer's keys/values as attention uses them."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.k: list[torch.Tensor] = [torch.empty(0)] * n_layers
-        self.v: list[torch.Tensor] = [torch.empty(0)] * n_layers
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-
 @dataclass
 class _Base:
     """The unpatched run of the prompts being patched (the corrupted ones when denoising)."""
@@ -371,42 +343,28 @@ class _Base:
     mask: torch.Tensor | None  # [B, T]
     logits: torch.Tensor  # [B, n, V] at the metric's positions
     resid: list[torch.Tensor]  # n_layers + 1 x [B, T, D]: the input of each block, then of ln_final
-    kv: _RecordKV
+    kv: KVRecorder
     acts: dict[str, torch.Tensor]  # the activations of the patched hook points
 
 
-def _logits_at(model: HookedTransformer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Final residual (after ln_final) [N, T, D] -> logits [N, len(idx), V] at positions idx: the tail of
-    HookedTransformer.forward, restricted to the positions a metric reads."""
-    c = model.cfg
-    x = x[:, idx]
-    logits = model.unembed(model.mlm_head(x) if c.mlm_head else x)
-    if c.final_softcap is not None:
-        logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
-    return model.hook_unembed(logits)
-
-
 def _base_run(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor | None, names: list[str]) -> _Base:
-    """HookedTransformer.forward, keeping the activations at `names`, each block's input residual and the
-    keys/values: the parts of an unpatched run that patched runs share. The clean and the corrupted runs
-    both go through here, so activations that should agree (before the first differing token) agree
-    bit for bit."""
-    c = model.cfg
+    """The model's staged forward one block at a time, keeping the activations at `names`, each block's input
+    residual and the keys/values: the parts of an unpatched run that patched runs share. The clean and the
+    corrupted runs both go through here, so activations that should agree (before the first differing token)
+    agree bit for bit."""
     B, T = tokens.shape
     acts: dict[str, torch.Tensor] = {}
+    kv = KVRecorder(model.cfg.n_layers)
     with model.hooks(fwd_hooks=[(n, lambda x, hook: acts.__setitem__(hook.name, x)) for n in names]):
-        positions = model._positions(mask, B, T, 0)
-        x = model._embed(tokens, positions, None)
-        masks, rot, kv = model._attn_masks(mask, T, T), model._rotary(positions, x.dtype), _RecordKV(c.n_layers)
+        state = model.run_state(mask, B, T, kv=kv)
+        x = model.embed_tokens(tokens, state)
         resid = []
-        for block in model.blocks:
+        for layer in range(model.cfg.n_layers):
             resid.append(x)
-            sliding = c.is_sliding(block.layer)
-            x = block(x, None if rot is None else rot[sliding], masks[sliding], kv)
+            x = model.run_blocks(x, state, layer, layer + 1)
         resid.append(x)
-        if c.final_norm:
-            x = model.ln_final(x)
-    return _Base(tokens, mask, _logits_at(model, x, torch.arange(T, device=x.device)), resid, kv, acts)
+        logits = model.head(x, torch.arange(T, device=x.device), state=state)
+    return _Base(tokens, mask, logits, resid, kv, acts)
 
 
 def _run_patched(model: HookedTransformer, base: _Base, join: torch.Tensor, p0: int, need: torch.Tensor,
@@ -416,16 +374,13 @@ def _run_patched(model: HookedTransformer, base: _Base, join: torch.Tensor, p0: 
     residual there. Rows are copy-major (row = i * B + prompt), so the rows alive at any block are a
     prefix of the batch and no block runs a copy it cannot change. Returns logits [len(join) * B,
     len(need), V] at the absolute positions `need` (those < p0 are the unpatched run's)."""
-    c = model.cfg
+    L = model.cfg.n_layers
     B, T = base.tokens.shape
     n, Tn = len(join), T - p0
     N = n * B
     mask = base.mask.repeat(n, 1) if base.mask is not None else None
-    positions = model._positions(mask, N, Tn, p0)
-    masks = model._attn_masks(mask, Tn, T)
-    rot = model._rotary(positions, base.resid[0].dtype)
-    kv = _PrefixKV(base.kv.k, base.kv.v, p0) if p0 > 0 else None
-    ends = torch.searchsorted(join, torch.arange(-1, c.n_layers + 1), right=True).tolist()  # alive rows / B
+    state = model.run_state(mask, N, Tn, past=p0, kv=KVPrefix(base.kv, p0) if p0 > 0 else None)
+    ends = torch.searchsorted(join, torch.arange(-1, L + 1), right=True).tolist()  # alive rows / B
 
     def grow(x: torch.Tensor | None, point: int) -> torch.Tensor | None:
         have = 0 if x is None else x.shape[0] // B
@@ -433,32 +388,23 @@ def _run_patched(model: HookedTransformer, base: _Base, join: torch.Tensor, p0: 
         if k == 0:
             return x
         if point < 0:
-            new = model._embed(base.tokens[:, p0:].repeat(k, 1), positions[: k * B], None)
+            new = model.embed_tokens(base.tokens[:, p0:].repeat(k, 1), state.rows(k * B))
         else:
             new = base.resid[point][:, p0:].repeat(k, 1, 1)
         return new if x is None else torch.cat([x, new])
 
-    def rows(t: torch.Tensor | None, R: int) -> torch.Tensor | None:
-        return t[:R] if t is not None and t.shape[0] == N and R < N else t
-
     x = grow(None, -1)
-    for block in model.blocks:
-        x = grow(x, block.layer)
-        if x is None:
-            continue
-        R = x.shape[0]
-        sliding = c.is_sliding(block.layer)
-        r = None if rot is None else tuple(rows(t, R) for t in rot[sliding])
-        x = block(x, r, rows(masks[sliding], R), kv)
-    x = grow(x, c.n_layers)
-    if c.final_norm:
-        x = model.ln_final(x)
+    for layer in range(L):
+        x = grow(x, layer)
+        if x is not None:
+            x = model.run_blocks(x, state.rows(x.shape[0]), layer, layer + 1)
+    x = grow(x, L)
     hi = need >= p0
     if bool(hi.all()):
-        return _logits_at(model, x, need - p0)
+        return model.head(x, need - p0, state=state)
     out = x.new_empty((N, len(need), base.logits.shape[-1]))  # the metric reads positions before any patch
     if bool(hi.any()):
-        out[:, hi] = _logits_at(model, x, need[hi] - p0)
+        out[:, hi] = model.head(x, need[hi] - p0, state=state)
     lo = (~hi).nonzero().squeeze(-1)
     out.view(n, B, *out.shape[1:])[:, :, lo] = base.logits[:, lo]
     return out
@@ -529,6 +475,7 @@ def activation_patching(
     reuse_prefix: bool = True,
     skip_unchanged: bool = True,
     progress: bool | None = None,
+    interventions: Intervention | Sequence[Intervention] | None = None,
 ) -> torch.Tensor:
     """The metric after patching each activation of a sweep from one run into the other.
 
@@ -553,7 +500,16 @@ def activation_patching(
     skip_unchanged=False also runs patches whose source values equal the values they replace (e.g. at
     positions before the first token where clean and corrupted differ), whose result is otherwise the
     unpatched run's metric. Both are for checking: the results agree up to float rounding.
+    interventions: applied in every run of the sweep (both unpatched runs and every patched one), e.g. to
+    patch a steered model; they select absolute positions, so they act the same in the prefix-reusing batches.
     """
+    if interventions is not None:
+        with model.interventions(interventions):
+            return activation_patching(model, clean, corrupted, metric, hook, granularity, direction=direction,
+                                       normalize=normalize, layers=layers, positions=positions,
+                                       attention_mask=attention_mask, prepend_bos=prepend_bos,
+                                       batch_size=batch_size, max_memory=max_memory, reuse_prefix=reuse_prefix,
+                                       skip_unchanged=skip_unchanged, progress=progress)
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' (clean -> corrupted run) or 'noise' (corrupted -> clean "
                          f"run), got {direction!r}.")

@@ -98,16 +98,25 @@ class Norm(nn.Module):
         return self.hook_normalized(y)
 
     def forward_unhooked_scale(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(self.normalize(x))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm's maths without its hook points, in x's dtype (weights cast to it when they differ).
+
+        The one implementation: forward uses it, and so do analyses that must apply a norm from inside a hook
+        on that very norm (attribution), or to a residual of another dtype (lenses decode float32 residuals).
+        RMSNorm is computed in float32 like HF, then cast back before the weight (Llama convention)."""
+        w = None if self.w is None else self.w.to(x.dtype)
+        b = None if self.b is None else self.b.to(x.dtype)
         if self.kind == "LN":
-            return self.hook_normalized(F.layer_norm(x, (self.d,), self.w, self.b, self.eps))
-        # RMS: computed in float32 like HF, then cast back before the weight (Llama convention)
+            return F.layer_norm(x, (self.d,), w, b, self.eps)
         xf = x.float()
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        if self.w is not None:
-            y = y * self.w
-        if self.b is not None:
-            y = y + self.b
-        return self.hook_normalized(y)
+        if w is not None:
+            y = y * w
+        if b is not None:
+            y = y + b
+        return y
 
 
 # --------------------------------------------------------------------------- rotary
@@ -225,6 +234,39 @@ class KVCache:
         """Keep only the batch rows in `index` (e.g. finished sequences dropped)."""
         self.k = [t[index] for t in self.k]
         self.v = [t[index] for t in self.v]
+
+
+class KVRecorder:
+    """Stands in for a KVCache in a full run: records each layer's keys/values [B, T, K, E] as attention uses
+    them, so later runs of the same prompts can start at a position p0 (see KVPrefix)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.k: list[torch.Tensor] = [torch.empty(0)] * n_layers
+        self.v: list[torch.Tensor] = [torch.empty(0)] * n_layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class KVPrefix:
+    """Stands in for a KVCache when copies of B recorded prompts are run again from position p0: prepends the
+    recorded keys/values of positions < p0 (the same for every copy) to those computed for positions >= p0.
+    Rows are copy-major (row = copy * B + prompt), as activation patching batches them."""
+
+    def __init__(self, recorded: KVRecorder, p0: int) -> None:
+        self.k, self.v, self.p0 = recorded.k, recorded.v, p0
+
+    def _cat(self, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        B = prefix.shape[0]
+        R, Tn = new.shape[:2]
+        out = new.new_empty((R, self.p0 + Tn, *new.shape[2:]))
+        out.view(R // B, B, *out.shape[1:])[:, :, : self.p0] = prefix[:, : self.p0]
+        out[:, self.p0 :] = new
+        return out
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cat(self.k[layer], k), self._cat(self.v[layer], v)
 
 
 class Attention(nn.Module):

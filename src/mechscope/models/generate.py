@@ -13,6 +13,7 @@ import torch
 
 from mechscope.errors import ContextLengthError, InputError
 from mechscope.models.components import KVCache
+from mechscope.models.interventions import Intervention
 
 if TYPE_CHECKING:
     from mechscope.models.transformer import FwdHooks, HookedTransformer
@@ -64,10 +65,12 @@ def generate(
     prepend_bos: bool | None = None,
     use_kv_cache: bool = True,
     fwd_hooks: FwdHooks = (),
+    interventions: Intervention | Sequence[Intervention] | None = None,
     return_type: Literal["auto", "str", "tokens"] = "auto",
 ):
     """Greedy or sampled continuation. Returns text for text input (prompt + completion) or
-    token ids [B, T + new] for token input (after EOS, finished rows are filled with pad/EOS)."""
+    token ids [B, T + new] for token input (after EOS, finished rows are filled with pad/EOS).
+    interventions apply to the prompt and to every generated token (they select absolute positions)."""
     if not model.cfg.causal:
         raise InputError(f"{model.cfg.architecture} is an encoder; it cannot generate.")
     if max_new_tokens < 0:
@@ -97,7 +100,7 @@ def generate(
 
     out = tokens
     finished = torch.zeros(B, dtype=torch.bool, device=model.device)
-    with model.hooks(fwd_hooks):
+    with model.interventions(interventions), model.hooks(fwd_hooks):
         logits = model(tokens, attention_mask=mask, kv_cache=cache)
         for step in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], do_sample, temperature, top_k, top_p, gen)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mechscope.errors import InputError
+from mechscope.errors import HookReturnError, InputError
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 Direction = Literal["fwd", "bwd"]
@@ -37,6 +37,21 @@ def layer_of(name: str) -> int | None:
     """The block index of a hook name ('blocks.3.hook_resid_post' -> 3), None outside the blocks
     (embeddings, ln_final, unembed). The one place that parses hook names."""
     return split_hook_name(name)[0]
+
+
+def check_hook_return(name: str, out: Any, x: torch.Tensor) -> None:
+    """A hook's return value must be able to stand in for the activation: a tensor of the same shape, dtype and
+    device (a silently cast or truncated residual would give a wrong answer without a word)."""
+    if not isinstance(out, torch.Tensor):
+        raise HookReturnError(f"Hook on {name!r} returned {type(out).__name__}; return a tensor or None.")
+    if out.shape != x.shape:
+        raise HookReturnError(f"Hook on {name!r} returned shape {tuple(out.shape)}, expected {tuple(x.shape)}.")
+    if out.dtype != x.dtype:
+        raise HookReturnError(f"Hook on {name!r} returned dtype {out.dtype}, but the activation is {x.dtype}; "
+                              f"return out.to({x.dtype}) (a cast would silently change the model's computation).")
+    if out.device != x.device:
+        raise HookReturnError(f"Hook on {name!r} returned a tensor on {out.device}, but the activation is on "
+                              f"{x.device}; move it with .to(activation.device).")
 
 
 class HookHandle:
@@ -91,14 +106,8 @@ class HookPoint(nn.Module):
             for fn, _ in list(self.fwd_hooks):
                 out = fn(x, self)
                 if out is not None:
-                    if not isinstance(out, torch.Tensor):
-                        raise InputError(
-                            f"Hook on {self.name!r} returned {type(out).__name__}; return a tensor or None."
-                        )
-                    if out.shape != x.shape:
-                        raise InputError(
-                            f"Hook on {self.name!r} returned shape {tuple(out.shape)}, expected {tuple(x.shape)}."
-                        )
+                    if out is not x:
+                        check_hook_return(self.name, out, x)
                     x = out
         if self.bwd_hooks and x.requires_grad:
             x = x.view_as(x)  # a fresh node, so the hook sees exactly this activation's gradient

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -29,10 +30,42 @@ from mechscope.models.cache import ActivationCache, LazyStore, LazyTensor
 from mechscope.models.components import Block, Embed, KVCache, MLMHead, Norm, Rotary
 from mechscope.models.config import ModelConfig
 from mechscope.models.hooks import HookFn, HookPoint, layer_of
+from mechscope.models.interventions import Intervention, check_interventions
 
 ReturnType = Literal["logits", "loss", "both", "resid"] | None
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 FwdHooks = Sequence[tuple[str | Callable[[str], bool], HookFn]]
+
+
+@dataclass
+class RunState:
+    """Everything one run of the blocks needs besides the residual, for its B rows and T new positions."""
+
+    positions: torch.Tensor  # [B, T] absolute position of each computed position (real tokens counted from 0)
+    real: torch.Tensor | None  # [B, T] bool, False at padding; None = no padding
+    mask: torch.Tensor | None  # [B, past + T] the attention mask (1 = real token); None = no padding
+    attn: dict[bool, torch.Tensor | None]  # attention masks [B|1, 1, T, past + T] keyed by "sliding layer?"
+    rotary: dict[bool, tuple[torch.Tensor, torch.Tensor]] | None  # (cos, sin) [B, T, 1, rot_dim] per layer kind
+    kv: Any = None  # KVCache, KVRecorder, KVPrefix or None
+    past: int = 0  # positions before these (in the KV cache or prefix)
+
+    def rows(self, n: int) -> RunState:
+        """The state of the first n rows (a batch that grows as rows join at later layers)."""
+        B = self.positions.shape[0]
+        if n == B:
+            return self
+
+        def cut(t):
+            return t[:n] if t is not None and t.shape[0] == B else t
+
+        rot = None if self.rotary is None else {k: (cut(c), cut(s)) for k, (c, s) in self.rotary.items()}
+        return RunState(cut(self.positions), cut(self.real), cut(self.mask),
+                        {k: cut(m) for k, m in self.attn.items()}, rot, self.kv, self.past)
+
+    def take(self, at: torch.Tensor) -> RunState:
+        """The state of the positions `at` only (for hooks after the last block, e.g. on the logits)."""
+        return RunState(self.positions[:, at], None if self.real is None else self.real[:, at], None, {}, None,
+                        None, self.past)
 
 
 class HookedTransformer(nn.Module):
@@ -65,6 +98,7 @@ class HookedTransformer(nn.Module):
                 self.unembed.weight = self.embed.weight
             self.hook_unembed = HookPoint()  # [B, T, V] logits
         self.check_finite = False  # opt-in: raise NonFiniteError if a forward produces NaN/inf
+        self.run_state_now: RunState | None = None  # the state of the stage running now (read by interventions)
         self._index_hooks()
 
     def materialize_buffers(self, device: torch.device | str) -> None:
@@ -261,12 +295,30 @@ class HookedTransformer(nn.Module):
                 attention_mask = None
         return tokens, attention_mask
 
-    # ------------------------------------------------------------------ masks and positions
-    def _positions(self, mask: torch.Tensor | None, B: int, T: int, past: int) -> torch.Tensor:
-        if mask is None:
-            return torch.arange(past, past + T, device=self.device).expand(B, T)
-        # count real tokens so that left padding does not shift positions
-        return (mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]  # the mask may also cover cached positions
+    # ------------------------------------------------------------------ the staged forward
+    # forward = prepare -> run_state -> embed_tokens -> run_blocks -> head. Analyses that need part of the
+    # forward (patching from a layer with a cached prefix, lenses, attribution) call these stages; nothing outside
+    # models/ re-implements them.
+    def run_state(self, attention_mask: torch.Tensor | None, batch: int, n_pos: int, *, past: int = 0,
+                  kv=None) -> RunState:
+        """What the blocks need besides the residual, for `n_pos` new positions after `past` earlier ones:
+        absolute positions (padding does not shift them), attention masks, rotary tables and the key/value
+        store (a KVCache, KVRecorder, KVPrefix or None). attention_mask: [batch, past + n_pos] or None."""
+        c, dev = self.cfg, self.device
+        if attention_mask is None:
+            positions = torch.arange(past, past + n_pos, device=dev).expand(batch, n_pos)
+            real = None
+        else:
+            # count real tokens so that left padding does not shift positions; the mask may cover cached positions
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -n_pos:]
+            real = attention_mask[:, -n_pos:].bool()
+        attn = self._attn_masks(attention_mask, n_pos, past + n_pos)
+        rotary = None
+        if c.positional == "rotary":
+            full = self.rotary(positions, self.dtype)
+            local = self.rotary_local(positions, self.dtype) if hasattr(self, "rotary_local") else full
+            rotary = {False: full, True: local}  # keyed by "is this a sliding-window layer"
+        return RunState(positions, real, attention_mask, attn, rotary, kv, past)
 
     def _attn_masks(self, mask: torch.Tensor | None, T: int, S: int) -> dict[bool, torch.Tensor | None]:
         """Boolean masks [B, 1, T, S] (True = attend) for full and sliding layers; None = plain causal."""
@@ -290,6 +342,113 @@ class HookedTransformer(nn.Module):
             out[sliding] = allowed
         return out
 
+    @contextlib.contextmanager
+    def _publish(self, state: RunState | None) -> Iterator[None]:
+        """Make `state` visible to hooks (interventions select positions with it) while a stage runs."""
+        before, self.run_state_now = self.run_state_now, state
+        try:
+            yield
+        finally:
+            self.run_state_now = before
+
+    def embed_tokens(self, tokens: torch.Tensor, state: RunState | None = None,
+                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> the residual entering block 0 [B, T, D] (token, position and token-type embeddings,
+        embedding norm). state: from run_state (default: no padding, no past)."""
+        c = self.cfg
+        state = self.run_state(None, *tokens.shape) if state is None else state
+        with self._publish(state):
+            x = self.hook_embed(self.embed(tokens))
+            if c.positional == "learned":
+                x = x + self.hook_pos_embed(self.pos_embed(state.positions))
+            if c.n_token_types:
+                tt = torch.zeros_like(tokens) if token_type_ids is None else token_type_ids.to(self.device)
+                x = x + self.hook_token_type_embed(self.token_type_embed(tt))
+            if c.embed_norm:
+                x = self.embed_ln(x)
+        return x
+
+    def run_blocks(self, x: torch.Tensor, state: RunState, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The residual entering block `start` [B, T, D] -> the residual entering block `stop` (default: after the
+        last block). Negative indices count from the end. Keys/values go to state.kv (a KVCache appends them)."""
+        c = self.cfg
+        start, stop = self._layer_index(start, "start"), self._layer_index(c.n_layers if stop is None else stop, "stop")
+        if stop < start:
+            raise InputError(f"run_blocks: stop ({stop}) is before start ({start}).")
+        if x.dim() != 3 or x.shape[-1] != c.d_model or tuple(x.shape[:2]) != tuple(state.positions.shape):
+            raise InputError(f"run_blocks needs the residual [batch, pos, {c.d_model}] matching the run state "
+                             f"{tuple(state.positions.shape)}; got {tuple(x.shape)}.")
+        with self._publish(state):
+            for block in self.blocks[start:stop]:
+                sliding = c.is_sliding(block.layer)
+                rot = None if state.rotary is None else state.rotary[sliding]
+                x = block(x, rot, state.attn[sliding], state.kv)
+        return x
+
+    def _layer_index(self, i: int, what: str) -> int:
+        L = self.cfg.n_layers
+        if not isinstance(i, int) or not -L <= i <= L:
+            raise InputError(f"{what} layer must be an int in [-{L}, {L}], got {i!r}.")
+        return i + L if i < 0 else i
+
+    def normalize_final(self, x: torch.Tensor, *, hooks: bool = True) -> torch.Tensor:
+        """The final norm (ln_final) of the residual after the last block, or x itself if the model has none.
+        hooks=False: the same maths without hook points, in x's dtype (lenses decode float32 residuals)."""
+        if not self.cfg.final_norm:
+            return x
+        return self.ln_final(x) if hooks else self.ln_final.normalize(x)
+
+    def head(self, x: torch.Tensor, at: torch.Tensor | Sequence[int] | None = None, *, state: RunState | None = None,
+             hooks: bool = True, normalized: bool = False) -> torch.Tensor:
+        """The residual after the last block [B, T, D] -> logits [B, T, V] (or [B, len(at), V] at positions `at`):
+        final norm, BERT's MLM transform, unembedding, soft-capping. The norm runs on every position (hooks on
+        ln_final see them all), the unembedding only at `at`. hooks=False computes the same maths without
+        hook points, in x's dtype; normalized=True skips the final norm (x is already ln_final's output)."""
+        c = self.cfg
+        if not c.has_unembed:
+            raise InputError(f"{c.architecture} has no unembedding; read the residual (return_type='resid').")
+        with self._publish(state):
+            if not normalized:
+                x = self.normalize_final(x, hooks=hooks)
+        if at is not None:
+            at = torch.as_tensor(at, device=x.device)
+            x = x[:, at]
+            state = None if state is None else state.take(at)
+        with self._publish(state):
+            if c.mlm_head:
+                h = self.mlm_head
+                x = h(x) if hooks else h.ln.normalize(h.act(F.linear(x, h.dense.weight.to(x.dtype),
+                                                                      h.dense.bias.to(x.dtype))))
+            if hooks:
+                logits = self.unembed(x)
+            else:
+                u = self.unembed
+                logits = F.linear(x, u.weight.to(x.dtype), None if u.bias is None else u.bias.to(x.dtype))
+            if c.final_softcap is not None:
+                logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
+            return self.hook_unembed(logits) if hooks else logits
+
+    def check_context(self, n_pos: int, kv_cache: KVCache | None = None) -> None:
+        """ContextLengthError if a sequence of n_pos positions does not fit the model (or the KV cache)."""
+        if n_pos > self.cfg.n_ctx:
+            raise ContextLengthError(
+                f"Sequence of {n_pos} tokens exceeds the model's context of {self.cfg.n_ctx}; "
+                "truncate the input (to_tokens(..., truncate=True)) or split it."
+            )
+        if kv_cache is not None and n_pos > kv_cache.max_len:
+            raise ContextLengthError(f"KV cache holds {kv_cache.max_len} positions, need {n_pos}.")
+
+    # ------------------------------------------------------------------ interventions
+    @contextlib.contextmanager
+    def interventions(self, interventions: Intervention | Sequence[Intervention] | None) -> Iterator[HookedTransformer]:
+        """Interventions active inside the block, in every run: forward, run_with_cache, patching sweeps,
+        generate (see models/interventions.py)."""
+        items = check_interventions(interventions)
+        for iv in items:
+            self._match(iv.hook)  # an unknown hook name fails here, on the user's line
+        with self.hooks(fwd_hooks=[(iv.hook, iv.bind(self)) for iv in items]):
+            yield self
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -304,6 +463,7 @@ class HookedTransformer(nn.Module):
         loss_per_token: bool = False,
         tokens: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        interventions: Intervention | Sequence[Intervention] | None = None,
     ):
         """Run the model.
 
@@ -311,88 +471,56 @@ class HookedTransformer(nn.Module):
         stream [B, T, D]. return_type: "logits" [B, T, V], "loss" (mean next-token CE over
         real tokens, or [B, T-1] with loss_per_token), "both", "resid" (final residual
         after ln_final) or None. stop_at_layer=L returns the residual entering block L.
+        interventions: Intervention objects applied during this run (see models/interventions.py).
         """
+        if return_type not in ("logits", "loss", "both", "resid", None):
+            raise InputError(f"Unknown return_type {return_type!r}; use logits, loss, both, resid or None.")
+        if interventions is not None:
+            with self.interventions(interventions):
+                return self.forward(input, return_type, attention_mask, token_type_ids, stop_at_layer,
+                                    start_at_layer, prepend_bos, padding_side, loss_per_token, tokens, kv_cache)
         c = self.cfg
         if start_at_layer is None:
             past = kv_cache.length if kv_cache is not None else 0
             tokens, attention_mask = self.prepare(input, attention_mask, prepend_bos, padding_side, past)
             B, T = tokens.shape
-            if past + T > c.n_ctx and c.positional == "learned":
-                raise ContextLengthError(
-                    f"Sequence of {past + T} tokens exceeds the model's context of {c.n_ctx}; "
-                    "truncate the input (to_tokens(..., truncate=True)) or split it."
-                )
-            if kv_cache is not None and past + T > kv_cache.max_len:
-                raise ContextLengthError(f"KV cache holds {kv_cache.max_len} positions, need {past + T}.")
-            positions = self._positions(attention_mask, B, T, past)
-            x = self._embed(tokens, positions, token_type_ids)
+            self.check_context(past + T, kv_cache)
+            state = self.run_state(attention_mask, B, T, past=past, kv=kv_cache)
+            x = self.embed_tokens(tokens, state, token_type_ids)
             start = 0
         else:
             x = input
             if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != c.d_model:
                 raise InputError(f"With start_at_layer, input must be the residual [B, T, {c.d_model}].")
-            B, T, _ = x.shape
-            past = 0
             if attention_mask is not None:
                 attention_mask = attention_mask.to(self.device).long()
                 if bool(attention_mask.all()):
                     attention_mask = None
-            positions = self._positions(attention_mask, B, T, past)
-            start = start_at_layer if start_at_layer >= 0 else c.n_layers + start_at_layer
-        stop = c.n_layers if stop_at_layer is None else (
-            stop_at_layer if stop_at_layer >= 0 else c.n_layers + stop_at_layer)
-        masks = self._attn_masks(attention_mask, T, past + T)
-        rot = self._rotary(positions, x.dtype)
-        for block in self.blocks[start:stop]:
-            sliding = c.is_sliding(block.layer)
-            x = block(x, None if rot is None else rot[sliding], masks[sliding], kv_cache)
+            state = self.run_state(attention_mask, x.shape[0], x.shape[1])
+            start = start_at_layer
+        x = self.run_blocks(x, state, start, stop_at_layer)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.length += x.shape[1]
         self._check(x, "the residual stream")
-        if stop_at_layer is not None and stop < c.n_layers:
+        if stop_at_layer is not None and self._layer_index(stop_at_layer, "stop") < c.n_layers:
             return x
-        if c.final_norm:
-            x = self.ln_final(x)
         if return_type is None:
+            with self._publish(state):
+                self.normalize_final(x)  # hooks on ln_final still fire
             return None
         if return_type == "resid" or not c.has_unembed:
-            if return_type not in ("resid", None) and not c.has_unembed:
+            if return_type != "resid":
                 raise InputError(f"{c.architecture} has no unembedding; use return_type='resid'.")
-            return x
-        logits = self.unembed(self.mlm_head(x) if c.mlm_head else x)
-        if c.final_softcap is not None:
-            logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
-        logits = self.hook_unembed(logits)
+            with self._publish(state):
+                return self.normalize_final(x)
+        logits = self.head(x, state=state)
         self._check(logits, "the logits")
         if return_type == "logits":
             return logits
         if tokens is None:
             raise InputError("return_type='loss' with start_at_layer needs tokens=.")
         loss = self.loss(logits, tokens, attention_mask, per_token=loss_per_token)
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise InputError(f"Unknown return_type {return_type!r}; use logits, loss, both, resid or None.")
-
-    def _embed(self, tokens, positions, token_type_ids):
-        c = self.cfg
-        x = self.hook_embed(self.embed(tokens))
-        if c.positional == "learned":
-            x = x + self.hook_pos_embed(self.pos_embed(positions))
-        if c.n_token_types:
-            tt = torch.zeros_like(tokens) if token_type_ids is None else token_type_ids.to(self.device)
-            x = x + self.hook_token_type_embed(self.token_type_embed(tt))
-        if c.embed_norm:
-            x = self.embed_ln(x)
-        return x
-
-    def _rotary(self, positions, dtype):
-        if self.cfg.positional != "rotary":
-            return None
-        full = self.rotary(positions, dtype)
-        local = self.rotary_local(positions, dtype) if hasattr(self, "rotary_local") else full
-        return {False: full, True: local}  # keyed by "is this a sliding-window layer"
+        return loss if return_type == "loss" else (logits, loss)
 
     def _check(self, t: torch.Tensor, what: str) -> None:
         if self.check_finite and not bool(torch.isfinite(t).all()):
@@ -460,7 +588,8 @@ class HookedTransformer(nn.Module):
                 kwargs["stop_at_layer"] = last + 1
         fwd = [(wanted.__contains__, save)]
         bwd = [(wanted.__contains__, save_grad)] if incl_bwd else []
-        with self.hooks(fwd, bwd):
+        # interventions go first, so the cache holds the activations the run actually used
+        with self.interventions(kwargs.pop("interventions", None)), self.hooks(fwd, bwd):
             out = self(*args, **kwargs)
         requested = {p.name for p in points}
         for p in lazy:
