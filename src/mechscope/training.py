@@ -201,7 +201,8 @@ class Checkpoint:
                                    "over.") from e
 
     def load(self) -> Saved | None:
-        """The saved state (torch RNG restored if it was saved), None when there is no checkpoint.
+        """The saved state, None when there is no checkpoint. Its torch RNG state (if saved) is restored
+        by `restore_rng(saved)`, which train_loop calls: after the caller has built what it resumes.
 
         Raises CheckpointMismatchError when the folder holds a run with another identity."""
         if not self.exists():
@@ -212,8 +213,6 @@ class Checkpoint:
             raise CheckpointMismatchError(
                 f"{self.dir} holds a run (at step {state.get('step')}) with other settings: {'; '.join(diff)}. "
                 "Resume it with the same settings, or delete that folder (or choose another one) to start over.")
-        if _RNG_KEY in tensors:
-            torch.set_rng_state(tensors.pop(_RNG_KEY))
         extra = {k: v for k, v in state.items() if k not in _RESERVED}
         return Saved(int(state["step"]), tensors, state.get("log"), extra)
 
@@ -223,6 +222,12 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def restore_rng(saved: Saved) -> None:
+    """Set the torch CPU RNG to the state a checkpoint saved with rng=True (no-op otherwise)."""
+    if _RNG_KEY in saved.tensors:
+        torch.set_rng_state(saved.tensors[_RNG_KEY])
 
 
 def identity_diff(saved: Any, wanted: Any, path: str = "") -> list[str]:
@@ -344,6 +349,7 @@ def train_loop(
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is not None:
             run.restore(saved)
+            restore_rng(saved)
         start = Progress(saved.step, saved.log) if saved is not None else Progress()
     state = start
 

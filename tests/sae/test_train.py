@@ -13,7 +13,6 @@ from mechscope.sae.config import SAEConfig
 from mechscope.sae.metrics import evaluate
 from mechscope.sae.synthetic import synthetic_data
 from mechscope.sae.train import (
-    Checkpoint,
     TrainConfig,
     Trainer,
     geometric_median,
@@ -22,6 +21,7 @@ from mechscope.sae.train import (
     train,
     train_many,
 )
+from mechscope.training import Checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,7 +76,7 @@ def test_resume_gives_the_same_losses_and_weights(arch, tmp_path):
     assert len(log["loss"]) == 20 and log["step"] == list(range(20))
     assert arch == "jumprelu" or log["dead_fraction"][-1] > 0  # AuxK saw dead latents
     first = train(DATA, checkpoint_dir=tmp_path, checkpoint_every=4, stop_after=10, **kw)
-    assert Checkpoint(tmp_path).step() == 10 and len(first.cfg.extra["train_log"]["loss"]) == 10
+    assert Checkpoint(tmp_path, {}).step() == 10 and len(first.cfg.extra["train_log"]["loss"]) == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "step-00000010.safetensors"]
     resumed = train(DATA, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
     assert resumed.cfg.extra["train_log"] == log
