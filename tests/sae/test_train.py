@@ -332,3 +332,24 @@ def test_resampling_during_training_lowers_the_dead_fraction():
     d_res = resampled.cfg.extra["train_stats"]["dead_fraction"]
     assert d_plain > 0.15 and d_res < 0.05, (d_plain, d_res)
     assert resampled.cfg.extra["train_log"]["fve"][-1] > plain.cfg.extra["train_log"]["fve"][-1] + 0.02
+
+
+# ---------------------------------------------------------------------------- bf16 by default where it pays
+
+
+def test_autocast_bf16_auto_follows_the_hardware_and_is_recorded(tmp_path, monkeypatch):
+    from mechscope.sae import io, kernels
+
+    assert TrainConfig().autocast_bf16 == "auto"
+    off = train(DATA, arch="topk", k=2, **SMALL)
+    fast_here = kernels.bf16_matmul_is_fast("cpu")  # False on the reference machine (AMD Zen 1)
+    assert off.cfg.extra["train"]["autocast_bf16"] is fast_here
+    monkeypatch.setattr(kernels, "bf16_matmul_is_fast", lambda device=None: True)
+    on = train(DATA, arch="topk", k=2, **SMALL)
+    assert on.cfg.extra["train"]["autocast_bf16"] is True
+    assert all(torch.isfinite(p).all() for p in on.parameters())
+    saved = io.load(io.save(on, tmp_path / "sae"))
+    assert saved.cfg.extra["train"]["autocast_bf16"] is True  # the resolved value is in the saved config
+    assert train(DATA, arch="topk", k=2, autocast_bf16=False, **SMALL).cfg.extra["train"]["autocast_bf16"] is False
+    with pytest.raises(InputError, match="autocast_bf16"):
+        TrainConfig(autocast_bf16="yes")
