@@ -180,7 +180,8 @@ def train_sae_command(args) -> dict:
     source = store if store is not None else (model, args.hook, args.corpus)
     coder = train(source, arch=args.arch, n_latents=args.latents, k=args.k, steps=args.steps,
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, hook=args.hook, target_hook=args.target_hook,
-                  l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff, autocast_bf16=args.bf16,
+                  l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff,
+                  autocast_bf16={"on": True, "off": False}.get(args.bf16, "auto"),
                   resample_every=args.resample_every,
                   checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress, device=args.device)
     import torch.distributed as dist
@@ -284,7 +285,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--l1-coeff", type=float, default=None)
     t.add_argument("--l0-coeff", type=float, default=None)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--bf16", action="store_true", help="bf16 autocast for the coder's matmuls")
+    t.add_argument("--bf16", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="bf16 top-k selection / autocast for the coder's matmuls: auto (default: on where bf16 "
+                        "matmuls are fast, e.g. CUDA), on (also plain --bf16) or off")
     t.add_argument("--resample-every", type=int, default=0,
                    help="re-initialise dead latents from high-error inputs every N steps (0: AuxK only)")
     t.add_argument("--checkpoint-dir", default=None, help="checkpoints here; an existing one is resumed")

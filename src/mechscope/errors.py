@@ -38,6 +38,10 @@ class InputError(MechscopeError, ValueError):
     """Bad tokens, text, attention mask, shapes or dtypes passed to a model."""
 
 
+class CheckpointMismatchError(InputError):
+    """A checkpoint folder holds a run with other settings (config, model or data) than the one asked for."""
+
+
 class ContextLengthError(InputError):
     """The sequence is longer than the model's context."""
 

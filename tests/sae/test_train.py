@@ -13,7 +13,6 @@ from mechscope.sae.config import SAEConfig
 from mechscope.sae.metrics import evaluate
 from mechscope.sae.synthetic import synthetic_data
 from mechscope.sae.train import (
-    Checkpoint,
     TrainConfig,
     Trainer,
     geometric_median,
@@ -22,6 +21,7 @@ from mechscope.sae.train import (
     train,
     train_many,
 )
+from mechscope.training import Checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,7 +76,7 @@ def test_resume_gives_the_same_losses_and_weights(arch, tmp_path):
     assert len(log["loss"]) == 20 and log["step"] == list(range(20))
     assert arch == "jumprelu" or log["dead_fraction"][-1] > 0  # AuxK saw dead latents
     first = train(DATA, checkpoint_dir=tmp_path, checkpoint_every=4, stop_after=10, **kw)
-    assert Checkpoint(tmp_path).step() == 10 and len(first.cfg.extra["train_log"]["loss"]) == 10
+    assert Checkpoint(tmp_path, {}).step() == 10 and len(first.cfg.extra["train_log"]["loss"]) == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "step-00000010.safetensors"]
     resumed = train(DATA, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
     assert resumed.cfg.extra["train_log"] == log
@@ -332,3 +332,24 @@ def test_resampling_during_training_lowers_the_dead_fraction():
     d_res = resampled.cfg.extra["train_stats"]["dead_fraction"]
     assert d_plain > 0.15 and d_res < 0.05, (d_plain, d_res)
     assert resampled.cfg.extra["train_log"]["fve"][-1] > plain.cfg.extra["train_log"]["fve"][-1] + 0.02
+
+
+# ---------------------------------------------------------------------------- bf16 by default where it pays
+
+
+def test_autocast_bf16_auto_follows_the_hardware_and_is_recorded(tmp_path, monkeypatch):
+    from mechscope.sae import io, kernels
+
+    assert TrainConfig().autocast_bf16 == "auto"
+    off = train(DATA, arch="topk", k=2, **SMALL)
+    fast_here = kernels.bf16_matmul_is_fast("cpu")  # False on the reference machine (AMD Zen 1)
+    assert off.cfg.extra["train"]["autocast_bf16"] is fast_here
+    monkeypatch.setattr(kernels, "bf16_matmul_is_fast", lambda device=None: True)
+    on = train(DATA, arch="topk", k=2, **SMALL)
+    assert on.cfg.extra["train"]["autocast_bf16"] is True
+    assert all(torch.isfinite(p).all() for p in on.parameters())
+    saved = io.load(io.save(on, tmp_path / "sae"))
+    assert saved.cfg.extra["train"]["autocast_bf16"] is True  # the resolved value is in the saved config
+    assert train(DATA, arch="topk", k=2, autocast_bf16=False, **SMALL).cfg.extra["train"]["autocast_bf16"] is False
+    with pytest.raises(InputError, match="autocast_bf16"):
+        TrainConfig(autocast_bf16="yes")

@@ -479,7 +479,7 @@ class TunedLens(nn.Module):
         With checkpoint_dir, lens + optimizer state are checkpointed every checkpoint_every steps and at the end,
         and an existing checkpoint is resumed: same seed and settings give bit-identical translators.
         stop_after=K stops after K steps leaving only the checkpoint (as an interrupt would)."""
-        from mechscope.zoo.training import Checkpoint, Progress, set_lr, train_loop
+        from mechscope.training import CHECKPOINT_DIR, Checkpoint, ModuleAndOptimizer, set_lr, train_loop
 
         check_lens_model(model)
         if optimizer not in ("sgd", "adam"):
@@ -510,7 +510,8 @@ class TunedLens(nn.Module):
                                                          weight_decay=weight_decay)
         else:
             opt = torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay, amsgrad=True)
-        ckpt = Checkpoint(Path(checkpoint_dir), "tuned-lens", seed, cfg) if checkpoint_dir is not None else _NoCheckpoint()
+        identity = {"recipe": "tuned-lens", "seed": seed, "config": dataclasses.asdict(cfg)}
+        ckpt = None if checkpoint_dir is None else Checkpoint(Path(checkpoint_dir) / CHECKPOINT_DIR, identity)
         rows = list(range(model.cfg.n_layers))
 
         def step_fn(step: int, log: dict[str, Any]) -> float:
@@ -525,51 +526,28 @@ class TunedLens(nn.Module):
             log["kl_last_step"] = kl.tolist()
             return loss
 
-        state, finished = train_loop(lens, opt, checkpoint=ckpt, steps=steps, step_fn=step_fn,
-                                     every=checkpoint_every, progress=progress, stop_after=stop_after,
-                                     desc="tuned lens")
-        if finished and checkpoint_dir is not None and not (isinstance(ckpt, Checkpoint) and _saved_at(ckpt, steps)):
-            ckpt.save(lens, opt, Progress(step=state.step, log=state.log))  # a rerun then returns this lens at once
+        # save_final: a rerun on the same folder then returns this lens at once
+        state, _ = train_loop(ModuleAndOptimizer(lens, opt), checkpoint=ckpt, steps=steps, step_fn=step_fn,
+                              every=checkpoint_every, save_final=True, progress=progress, stop_after=stop_after,
+                              desc="tuned lens")
         lens.train_log = state.log
         lens.zero_grad(set_to_none=True)
         return lens
 
 
-class _NoCheckpoint:
-    """Stands in for zoo.training.Checkpoint when no checkpoint_dir is given."""
-
-    def load(self, model, optimizer):
-        return None
-
-    def save(self, model, optimizer, progress) -> None:
-        pass
-
-
-def _saved_at(ckpt, step: int) -> bool:
-    try:
-        return json.loads((ckpt.dir / "state.json").read_text())["step"] == step
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warm-up over `warmup` steps, then linear decay to 0 at `steps`: a pure function of the step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return (steps - step) / (steps - warmup)
+    from mechscope.training import scheduled_lr
+
+    return scheduled_lr(step, 1.0, warmup=warmup, decay="linear", steps=steps, decay_steps=steps - warmup)
 
 
 def _batch_rows(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """Context indices of `step`: the global stream of indices is a seeded permutation of range(n) per epoch."""
-    from mechscope.zoo.training import step_generator
+    """Context indices of `step`: the global stream of indices is a seeded permutation of range(n) per epoch
+    (the stream name keeps the order lenses were trained with before the plumbing moved to mechscope.training)."""
+    from mechscope.training import EpochOrder
 
-    idx = torch.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, within = idx // n, idx % n
-    out = torch.empty_like(idx)
-    for e in epochs.unique().tolist():
-        sel = epochs == e
-        out[sel] = torch.randperm(n, generator=step_generator(seed, e, "tuned-lens-epoch"))[within[sel]]
-    return out
+    return EpochOrder(n, batch_size, seed, "zoo:tuned-lens-epoch", drop_last=False).rows(step)
 
 
 def _training_contexts(model, text: Any, tokens: int | None, context_len: int, batch_size: int, steps: int,

@@ -42,7 +42,7 @@ from safetensors.torch import save as st_save
 
 from mechscope.data.packing import PackedContexts, contexts
 from mechscope.data.sources import TextSource
-from mechscope.errors import HookNameError, InputError
+from mechscope.errors import InputError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
 
 __all__ = ["FeatureStats", "feature_stats", "logit_effects"]
@@ -168,21 +168,10 @@ def _without_token(run, token_id: int):
 
 
 def _check(model, coder, feats: torch.Tensor | None) -> tuple[str, int | None]:
-    hook = coder.cfg.hook_in
-    if not hook:
-        raise InputError("The coder does not say which hook it reads (cfg.hook_in is None); set coder.cfg.hook_in.")
-    if hook not in model.hook_names:
-        raise HookNameError(f"The coder reads {hook!r}, which this model ({model.cfg.model_name}) has no hook "
-                            f"for; load a coder trained on this model (hooks look like 'blocks.0.hook_resid_post').")
+    from mechscope.sae.sources import check_coder_fits
+
+    hook, _ = check_coder_fits(model, coder, target_hook=None)  # the input hook: these are its latents
     stop = _layer_of(hook, model.cfg.n_layers)
-    probe = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(probe, names_filter=hook, stop_at_layer=stop, return_type=None)
-    x = cache[hook]
-    width = x.flatten(2).shape[-1] if x.dim() > 3 else x.shape[-1]
-    if width != coder.cfg.d_in:
-        raise InputError(f"{hook} has width {width} but the coder expects d_in={coder.cfg.d_in}; this coder was "
-                         "trained on another model or hook.")
     if feats is not None and (feats.numel() == 0 or feats.min() < 0 or feats.max() >= coder.cfg.n_latents):
         raise InputError(f"features must be a non-empty list of latent indices in [0, {coder.cfg.n_latents}).")
     return hook, stop

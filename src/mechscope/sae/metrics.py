@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mechscope.errors import HookNameError, InputError, StoreMismatchError, unknown_name_message
+from mechscope.errors import InputError
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens is "dense"
 DENSITY_BINS = torch.linspace(-8, 0, 33, dtype=torch.float64)  # log10 firing frequency bin edges
@@ -169,14 +169,14 @@ def evaluate(coder, source: Any, *, n_tokens: int = 100_000, batch_size: int = 4
     (model, hook, text) to stream activations from a model. Rows are drawn in a seeded shuffled
     order, so n_tokens < N evaluates a random subset. Acts are the inference rule's (`encode`).
     """
-    from mechscope.sae.train import open_source
+    from mechscope.sae.sources import check_coder_fits, open_source
 
     hook_in = hook or coder.cfg.hook_in
     hook_out = target_hook or coder.cfg.hook_out or hook_in
     src = open_source(source, batch_size=batch_size, seed=seed, n_tokens=n_tokens,
                       keys=[(hook_in, hook_out if coder.cfg.is_transcoder else None)])
     key_in, key_out = src.keys[0]
-    src.check_coder(coder, key_in, key_out)
+    check_coder_fits(src, coder, hook=key_in, target_hook=key_out)
     device = torch.device(device) if device is not None else coder.W_enc.device
     acc = Accumulator(coder.cfg.n_latents, coder.cfg.out_dim)
     for batch in src.batches(0, one_pass=True):
@@ -233,24 +233,6 @@ def _recovered(abl: float, sae: float, clean: float) -> float:
     return (abl - sae) / (abl - clean) if abl != clean else float("nan")
 
 
-def check_coder_model(coder, model, hook_in: str, hook_out: str) -> None:
-    """Typed errors when the coder cannot read from / write to this model's hooks."""
-    for h in {hook_in, hook_out}:
-        if h not in model.hook_dict:
-            raise HookNameError(unknown_name_message("hook name", h, model.hook_dict) +
-                                f" (the coder was trained on {coder.cfg.model_name or 'another model'}).")
-    want = coder.cfg.model_identity
-    if want:
-        from mechscope.models.identity import model_identity
-
-        have = model_identity(model)
-        for key in ("config_hash", "weights_fingerprint"):
-            if key in want and want[key] != have.get(key):
-                raise StoreMismatchError(
-                    f"This coder was trained on {want.get('name')!r} ({key} {want[key]}), but the model "
-                    f"given is {have.get('name')!r} ({key} {have.get(key)}); use the model it was trained on.")
-
-
 def _check_width(x: torch.Tensor, want: int, hook: str, what: str) -> None:
     width = math.prod(x.shape[2:])
     if width != want:
@@ -278,7 +260,9 @@ def splice_metrics(coder, model, hook: str | None = None, contexts: Any = None, 
     if coder.cfg.is_transcoder and hook_out == hook_in:
         raise InputError("A transcoder writes to another hook than it reads: pass target_hook= (or set "
                          "coder.cfg.hook_out).")
-    check_coder_model(coder, model, hook_in, hook_out)
+    from mechscope.sae.sources import check_coder_fits
+
+    check_coder_fits(model, coder, hook=hook_in, target_hook=hook_out if coder.cfg.is_transcoder else None)
     batches = _context_batches(model, contexts, n_contexts, batch_size, context_len)
     bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
     if mean is None and store is not None:
@@ -396,4 +380,4 @@ def _hook_mean(model, batches: list[torch.Tensor], hook: str, bos: int | None) -
 
 __all__ = ["mse", "fve", "l0", "l1", "shrinkage", "frequency", "dead_fraction", "dense_fraction",
            "density_histogram", "batch_fve", "EvalResult", "Accumulator", "evaluate", "SpliceResult",
-           "splice_metrics", "check_coder_model", "DENSE_THRESHOLD", "DENSITY_BINS"]
+           "splice_metrics", "DENSE_THRESHOLD", "DENSITY_BINS"]

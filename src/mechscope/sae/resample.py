@@ -23,7 +23,7 @@ import torch
 from mechscope.sae import distributed
 
 if TYPE_CHECKING:
-    from mechscope.sae.train import Trainer
+    from mechscope.sae.trainer import Trainer
 
 # new encoder column norm relative to the mean live column: 0.2 for threshold-style activations (Bricken
 # et al. 2023: fire weakly at first); 1.0 for the TopK family, where a weak latent never wins a top-k slot

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.errors import CorruptFileError, InputError, ModelNotFoundError
+from mechscope.training import CHECKPOINT_DIR
 from mechscope.zoo.induction import InductionConfig, induction_score, prev_token_score, train_induction
 from mechscope.zoo.modadd import ModAddConfig, fourier_embedding_norms, modadd_accuracy, train_modadd
+from mechscope.zoo.settings import apply_overrides
 from mechscope.zoo.tms import TMSConfig, ToyModel, features_represented, superposition_fraction, train_tms
-from mechscope.zoo.training import CHECKPOINT_DIR, apply_overrides
 
 
 @dataclass(frozen=True)

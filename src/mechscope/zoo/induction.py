@@ -21,14 +21,16 @@ import torch.nn.functional as F
 from mechscope.models.config import ModelConfig
 from mechscope.models.native import atomic_write_bytes
 from mechscope.models.transformer import HookedTransformer
-from mechscope.zoo.training import (
+from mechscope.training import (
     Checkpoint,
+    ModuleAndOptimizer,
     config_dict,
+    scheduled_lr,
     set_lr,
     step_generator,
     train_loop,
-    warmup_lr,
 )
+from mechscope.zoo.settings import recipe_checkpoint
 
 SPECIAL = "<|endoftext|>"  # BOS, EOS and padding, as in GPT-2
 
@@ -249,7 +251,7 @@ def make_batch(config: InductionConfig, stream: torch.Tensor, d_vocab: int, bos:
 
 def train_induction(config: InductionConfig, out: Path, *, seed: int = 0, progress: bool = True,
                     stop_after: int | None = None) -> Path:
-    ckpt = Checkpoint(out, "induction-2l", seed, config)
+    ckpt = recipe_checkpoint(out, "induction-2l", seed, config)
     tokenizer = _load_or_train_tokenizer(config, ckpt)
     d_vocab, bos = len(tokenizer), tokenizer.bos_token_id
     stream = sotu_tokens(tokenizer, "train")  # [N]
@@ -262,8 +264,8 @@ def train_induction(config: InductionConfig, out: Path, *, seed: int = 0, progre
     def step_fn(step: int, log: dict[str, Any]) -> float:
         switched = log.get("switch_step") is not None  # the log is restored from a checkpoint on resume
         n_rep = round(config.batch_size * config.repeat_fraction) if switched else config.batch_size
-        tokens, counts = make_batch(config, stream, d_vocab, bos, n_rep, step_generator(seed, step))
-        set_lr(opt, warmup_lr(step, config.lr, config.warmup))
+        tokens, counts = make_batch(config, stream, d_vocab, bos, n_rep, step_generator(seed, step, "zoo:data"))
+        set_lr(opt, scheduled_lr(step, config.lr, warmup=config.warmup))
         # = model(tokens, return_type="loss") restricted to the counted targets; the unembedding
         # (most of a step's cost) runs only where a target counts
         resid = model(tokens, return_type="resid")[:, :-1]  # [B, T - 1, D], after ln_final
@@ -281,7 +283,7 @@ def train_induction(config: InductionConfig, out: Path, *, seed: int = 0, progre
                 log["switch_step"] = step
         return log.get("switch_step") is not None and step >= log["switch_step"] + config.text_steps
 
-    state, finished = train_loop(model, opt, checkpoint=ckpt, steps=config.steps, step_fn=step_fn,
+    state, finished = train_loop(ModuleAndOptimizer(model, opt), checkpoint=ckpt, steps=config.steps, step_fn=step_fn,
                                  every=config.checkpoint_every, after_step=after_step, progress=progress,
                                  stop_after=stop_after, desc="induction-2l")
     if not finished:

@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from mechscope.errors import InputError
 from mechscope.models.config import ModelConfig
 from mechscope.models.transformer import HookedTransformer
-from mechscope.zoo.training import Checkpoint, config_dict, set_lr, step_generator, train_loop, warmup_lr
+from mechscope.training import (
+    ModuleAndOptimizer,
+    config_dict,
+    scheduled_lr,
+    set_lr,
+    step_generator,
+    train_loop,
+)
+from mechscope.zoo.settings import recipe_checkpoint
 
 
 @dataclass
@@ -58,7 +66,7 @@ def split_indices(p: int, train_frac: float, seed: int) -> tuple[torch.Tensor, t
     """A seeded random split of the p² pairs into (train, test) index tensors."""
     if not 0 < train_frac < 1:
         raise InputError(f"train_frac must be in (0, 1), got {train_frac}.")
-    perm = torch.randperm(p * p, generator=step_generator(seed, 0, "modadd-split"))
+    perm = torch.randperm(p * p, generator=step_generator(seed, 0, "zoo:modadd-split"))
     n_train = round(train_frac * p * p)
     return perm[:n_train].sort().values, perm[n_train:].sort().values
 
@@ -175,7 +183,7 @@ def train_modadd(config: ModAddConfig, out: Path, *, seed: int = 0, progress: bo
     x_train, y_train = tokens[train_idx], labels[train_idx]
 
     def step_fn(step: int, log: dict) -> float:
-        set_lr(opt, warmup_lr(step, config.lr, config.warmup))
+        set_lr(opt, scheduled_lr(step, config.lr, warmup=config.warmup))
         logits = last_position_logits(model, x_train)[:, :p]  # [N, p]
         loss = F.cross_entropy(logits.double(), y_train)  # float64 loss, as Nanda: no "slingshot" spikes
         opt.zero_grad(set_to_none=True)
@@ -204,8 +212,8 @@ def train_modadd(config: ModAddConfig, out: Path, *, seed: int = 0, progress: bo
         done = log.get("generalised_step") is not None and step >= log["generalised_step"] + config.cleanup_steps
         return done and min(train_acc, test_acc) > config.stop_test_acc
 
-    ckpt = Checkpoint(out, "modadd", seed, config)
-    state, finished = train_loop(model, opt, checkpoint=ckpt, steps=config.steps, step_fn=step_fn,
+    ckpt = recipe_checkpoint(out, "modadd", seed, config)
+    state, finished = train_loop(ModuleAndOptimizer(model, opt), checkpoint=ckpt, steps=config.steps, step_fn=step_fn,
                                  every=config.checkpoint_every, after_step=after_step, progress=progress,
                                  stop_after=stop_after, desc="modadd")
     if not finished:

@@ -18,7 +18,8 @@ from torch import nn
 
 from mechscope.errors import CorruptFileError
 from mechscope.models.native import atomic_write_bytes
-from mechscope.zoo.training import Checkpoint, config_dict, step_generator, train_loop
+from mechscope.training import ModuleAndOptimizer, config_dict, step_generator, train_loop
+from mechscope.zoo.settings import recipe_checkpoint
 
 MODEL_TYPE = "mechscope-tms"
 FORMAT_VERSION = 1
@@ -148,22 +149,22 @@ def train_tms(config: TMSConfig, out: Path, *, seed: int = 0, progress: bool = T
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     def step_fn(step: int, log: dict) -> float:
-        x = model.sample(config.batch_size, step_generator(seed, step))
+        x = model.sample(config.batch_size, step_generator(seed, step, "zoo:data"))
         loss = model.loss(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.item()
 
-    ckpt = Checkpoint(out, "tms", seed, config)
-    state, finished = train_loop(model, opt, checkpoint=ckpt, steps=config.steps, step_fn=step_fn,
+    ckpt = recipe_checkpoint(out, "tms", seed, config)
+    state, finished = train_loop(ModuleAndOptimizer(model, opt), checkpoint=ckpt, steps=config.steps, step_fn=step_fn,
                                  every=config.checkpoint_every, progress=progress, stop_after=stop_after,
                                  desc="tms")
     if not finished:
         return out
     model.eval()
     with torch.no_grad():
-        final = model.loss(model.sample(8192, step_generator(seed, 0, "eval"))).item()
+        final = model.loss(model.sample(8192, step_generator(seed, 0, "zoo:eval"))).item()
     extra = {"recipe": "tms", "seed": seed, "steps": state.step, "config": config_dict(config),
              "metrics": {"loss": final, "features_represented": features_represented(model).tolist(),
                          "feature_norms": model.W.detach().norm(dim=1).tolist()}}  # [I, n]
