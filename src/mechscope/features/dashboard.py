@@ -52,7 +52,7 @@ from mechscope.viz.html import (
     write_page,
 )
 
-__all__ = ["display_token", "explanation_map", "score_map", "token_texts", "write_dashboards"]
+__all__ = ["display_token", "explanation_map", "pick_rows", "score_map", "token_texts", "write_dashboards"]
 
 _HI = (230, 110, 0)  # positive activation shade (orange)
 _LO = (31, 95, 168)  # negative activation shade (blue), for coders whose latents can go below 0
@@ -383,9 +383,9 @@ def _density_overview(stats: Any) -> Markup | None:
         return None
     import matplotlib.style
 
-    from mechscope.viz.plots import _STYLE
+    from mechscope.viz.plots import PLOT_STYLE
 
-    with matplotlib.style.context(_STYLE):
+    with matplotlib.style.context(PLOT_STYLE):
         fig = Figure(figsize=(6.0, 2.2), layout="constrained")
         ax = fig.add_subplot()
         ax.hist(np.log10(live), bins=40, color="#e06c00")
@@ -396,7 +396,11 @@ def _density_overview(stats: Any) -> Markup | None:
         return figure_img(fig, "histogram of log10 feature density over all tracked latents")
 
 
-def _pick_rows(stats: Any, features: Any, max_pages: int) -> list[int]:
+def pick_rows(stats: Any, features: Any, max_pages: int) -> list[int]:
+    """Rows of `stats` to render: those of the requested latents (refusing unknown ones and more than
+    max_pages), or, with features=None, every live latent in latent order (the max_pages most frequent,
+    with a warning, when there are more). Shared by the dashboards and the Neuronpedia export so both
+    show the same features."""
     lat = stats.features.tolist()
     row_of = {f: r for r, f in enumerate(lat)}
     if not isinstance(max_pages, int) or max_pages < 1:
@@ -437,7 +441,7 @@ def write_dashboards(stats: Any, tokenizer: Any, out: str | Path, *, features: A
     if not (isinstance(context_window, tuple) and len(context_window) == 2
             and all(isinstance(v, int) and v >= 0 for v in context_window)):
         raise InputError(f"context_window must be (tokens_before, tokens_after) >= 0, got {context_window!r}.")
-    rows = _pick_rows(stats, features, max_pages)
+    rows = pick_rows(stats, features, max_pages)
     expl, sc = explanation_map(explanations), score_map(scores)
     settings = (stats.meta or {}).get("settings", {}) if isinstance(stats.meta, Mapping) else {}
     model_name = model_name if model_name is not None else settings.get("model")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,9 @@ from mechscope.data.packing import PackedContexts, contexts
 from mechscope.data.sources import TextSource
 from mechscope.errors import HookNameError, InputError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
+from mechscope.models.hooks import layer_of
 
-__all__ = ["FeatureStats", "feature_stats", "logit_effects"]
+__all__ = ["FeatureStats", "check_coder", "feature_stats", "latent_acts_fn", "logit_effects", "without_token"]
 
 HIST_LO, HIST_HI = 1e-4, 1e4  # log-spaced histogram range of nonzero activations
 STATS_FILE, META_FILE = "feature_stats.safetensors", "feature_stats.json"
@@ -136,14 +136,16 @@ def logit_effects(model, coder, features: torch.Tensor | None = None) -> torch.T
 
 def _layer_of(hook: str, n_layers: int) -> int | None:
     """stop_at_layer that still computes `hook` (None: needs the whole model)."""
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    if m:
-        return int(m.group(1)) + 1 if int(m.group(1)) + 1 < n_layers else None
+    layer = layer_of(hook)
+    if layer is not None:
+        return layer + 1 if layer + 1 < n_layers else None
     return 0 if hook in ("hook_embed", "hook_pos_embed", "hook_tokens") else None
 
 
-def _acts_fn(model, coder, hook: str, stop: int | None, feats: torch.Tensor | None):
-    """tokens [B, T] -> latent acts [B, T, F] (float32) of the tracked features."""
+def latent_acts_fn(model, coder, hook: str, stop: int | None, feats: torch.Tensor | None):
+    """A function tokens [B, T] -> latent acts [B, T, F] (float32, CPU) of the tracked features `feats` (all
+    latents when None). One forward pass stopped at `stop` (see check_coder), shared by the statistics pass,
+    detection windows and feature search so all three see exactly the same activations."""
 
     def run(tokens: torch.Tensor) -> torch.Tensor:
         _, cache = model.run_with_cache(tokens.to(model.device), names_filter=hook, stop_at_layer=stop,
@@ -157,8 +159,9 @@ def _acts_fn(model, coder, hook: str, stop: int | None, feats: torch.Tensor | No
     return run
 
 
-def _without_token(run, token_id: int):
-    """`run` with the activations at every occurrence of token_id set to 0 (not firing)."""
+def without_token(run, token_id: int):
+    """`run` (a latent_acts_fn) with the activations at every occurrence of token_id set to 0 (not firing):
+    how BOS positions are excluded, since the BOS residual is the same in every context."""
 
     def masked(tokens: torch.Tensor) -> torch.Tensor:
         acts = run(tokens)  # [B, T, F]
@@ -167,7 +170,9 @@ def _without_token(run, token_id: int):
     return masked
 
 
-def _check(model, coder, feats: torch.Tensor | None) -> tuple[str, int | None]:
+def check_coder(model, coder, feats: torch.Tensor | None) -> tuple[str, int | None]:
+    """(hook the coder reads, stop_at_layer that still computes it), after refusing a coder that does not fit
+    the model (unknown hook, other width) or latent indices out of range, with a typed error."""
     hook = coder.cfg.hook_in
     if not hook:
         raise InputError("The coder does not say which hook it reads (cfg.hook_in is None); set coder.cfg.hook_in.")
@@ -362,7 +367,7 @@ def feature_stats(
     feats = None
     if features is not None:
         feats = torch.as_tensor(features, dtype=torch.long).flatten()
-    hook, stop = _check(model, coder, feats)
+    hook, stop = check_coder(model, coder, feats)
     if context_len > model.cfg.n_ctx:
         raise InputError(f"context_len {context_len} exceeds the model's n_ctx {model.cfg.n_ctx}.")
     if isinstance(text, PackedContexts):
@@ -394,10 +399,10 @@ def feature_stats(
                 setattr(st, n, t)
             st.consumed, st.n_tokens = cm["consumed"], cm["n_tokens"]
 
-    run = _acts_fn(model, coder, hook, stop, feats)
+    run = latent_acts_fn(model, coder, hook, stop, feats)
     bos_id = stream.describe().get("bos_token_id") if exclude_bos else None
     if bos_id is not None:
-        run = _without_token(run, int(bos_id))
+        run = without_token(run, int(bos_id))
     total = None if max_ctx is None else max_ctx
     bar = None
     if progress:
