@@ -30,6 +30,7 @@ from mechscope.data.stats import RunningStats
 from mechscope.errors import CorruptFileError, InputError, StoreMismatchError, StoreWriteError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
 from mechscope.models.identity import model_identity, same_model
+from mechscope.options import option
 
 FORMAT = "mechscope.activations"
 VERSION = 1
@@ -42,18 +43,20 @@ STATS = "stats.safetensors"
 class HarvestConfig:
     """Everything that determines a store's bytes (stored in the manifest; a resume must match it)."""
 
-    hooks: list[str]
-    n_tokens: int  # activation rows to write (per hook)
-    context_len: int = 128
-    batch_size: int = 8  # contexts per forward pass
-    shard_tokens: int = 65536  # rows per shard (rounded to whole batches)
-    dtype: str = "float32"  # storage dtype: float32 | bfloat16 | float16
-    exclude_bos: bool = True  # drop the prepended BOS position (an attention sink with a huge norm)
-    keep_tokens: bool = True  # store token ids, context ids, positions and the contexts themselves
-    corpus: str = "sotu"
-    split: str = "train"
-    seed: int = 0
-    prepend_bos: bool = True
+    hooks: list[str] = option(help="comma-separated hook names, e.g. blocks.6.hook_resid_post")
+    n_tokens: int = option(help="activation rows (tokens) to write, per hook", flag="--tokens")
+    context_len: int = option(128, help="tokens per packed context")
+    batch_size: int = option(8, help="contexts per forward pass")
+    shard_tokens: int = option(65536, help="rows per shard (rounded to whole batches)")
+    dtype: str = option("float32", help="storage dtype of the activations", choices=DTYPES)
+    exclude_bos: bool = option(True, flag="--keep-bos", help="also store the prepended BOS position (by "
+                               "default it is dropped: an attention sink with a huge norm)")
+    keep_tokens: bool = option(True, flag="--no-tokens", help="do not store token ids, context ids, positions "
+                               "and the contexts themselves")
+    corpus: str = option("sotu", help="built-in corpus (sotu, python-stdlib) or a path")
+    split: str = option("train", help="corpus split")
+    seed: int = option(0, help="shuffles the corpus' document order")
+    prepend_bos: bool = option(True, cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.hooks, str):

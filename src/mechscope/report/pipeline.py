@@ -30,6 +30,7 @@ import torch
 from mechscope.errors import InputError
 from mechscope.fileio import atomic_write_json
 from mechscope.models.loading import load_model
+from mechscope.options import option
 from mechscope.report.cache import ReportFolder, stage_key
 
 LENS_PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
@@ -42,27 +43,31 @@ STEER_MULTIPLES = (4.0, 8.0)  # steering strengths, in units of the feature's la
 class ReportConfig:
     """What `mechscope report` does; every field is a CLI option. None = chosen from the model."""
 
-    model: str = "smollm2"
-    out: str = "mechscope-report"
-    layer: int | None = None  # residual layer of the SAE (default n_layers // 4: token-level features, cheap)
-    tokens: int = 160_000  # activations harvested to train the SAE
-    latents: int = 4608  # SAE width
-    k: int = 32  # TopK
-    sae_batch: int = 1024
-    sae_epochs: float = 3.0  # passes over the harvested tokens
-    feature_tokens: int = 65_536  # tokens of the streaming feature pass (top contexts, histograms)
-    score_tokens: int = 32_768  # held-out tokens the explanations are scored on
-    context_len: int = 64
-    ioi_prompts: int = 6
-    circuit_edges: int = 800
-    circuit_method: str = "eap"  # "eap-ig" is closer to activation patching and ~5x slower
-    tuned_lens_steps: int = 0  # 0 = logit lens only (a tuned lens costs ~10 s/step on 2 CPU cores)
-    n_dashboards: int = 60
-    corpus: str = "sotu"
-    seed: int = 0
-    device: str | None = None
-    overwrite: bool = False
-    progress: bool = True
+    model: str = option("smollm2", help="folder, GGUF, built-in (smollm2) or cached hub id")
+    out: str = option("mechscope-report", help="report folder (index.html + artifacts/)")
+    layer: int | None = option(None, help="residual layer of the SAE (default n_layers // 4: token-level "
+                               "features, cheap)")
+    tokens: int = option(160_000, help="activations harvested to train the SAE")
+    latents: int = option(4608, help="SAE width")
+    k: int = option(32, help="active latents per token (TopK)")
+    sae_batch: int = option(1024, help="SAE training batch (tokens)")
+    sae_epochs: float = option(3.0, help="SAE training passes over the harvested tokens")
+    feature_tokens: int = option(65_536, help="tokens of the feature statistics pass (top contexts, histograms)")
+    score_tokens: int = option(32_768, help="held-out tokens to score explanations on")
+    context_len: int = option(64, help="tokens per context (harvest, features, lens)")
+    ioi_prompts: int = option(6, help="IOI prompts patched and attributed")
+    circuit_edges: int = option(800, help="edges kept in the IOI circuit")
+    circuit_method: str = option("eap", choices=("eap", "eap-ig"),
+                                 help="edge attribution (eap-ig is closer to activation patching and ~5x slower)")
+    tuned_lens_steps: int = option(0, help="train a tuned lens too (~10 s/step on CPU; 0 = logit lens only)")
+    n_dashboards: int = option(60, flag="--dashboards", help="feature dashboards to write")
+    corpus: str = option("sotu", help="built-in corpus (sotu, python-stdlib) or a path")
+    seed: int = option(0, help="corpus order, SAE init, prompts")
+    device: str | None = option(None, help="cpu, cuda, cuda:1, ... (default cpu)")
+    keep_activations: bool = option(False, help="keep the harvested activations (artifacts/harvest/store, the "
+                                    "bulk of the folder) after the SAE is trained; by default they are deleted")
+    overwrite: bool = option(False, help="replace a report of another model in --out")
+    progress: bool = option(True, help="no progress bars")
 
     def check(self) -> None:
         for name in ("tokens", "latents", "k", "sae_batch", "feature_tokens", "score_tokens", "context_len",
