@@ -31,6 +31,7 @@ from mechscope.errors import CorruptFileError, InputError, StoreMismatchError, S
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
 from mechscope.models.identity import model_identity, same_model
 from mechscope.options import option
+from mechscope.steps import step_key
 
 FORMAT = "mechscope.activations"
 VERSION = 1
@@ -297,15 +298,23 @@ def _remove_store(out: Path) -> None:
             p.unlink()
 
 
+def harvest_key(manifest: dict[str, Any]) -> str:
+    """The harvest as a cached step (mechscope.steps): its settings (the HarvestConfig) and the identity of
+    its inputs (the model, whole: a bf16 run writes other bytes than an fp32 one; the packed text source).
+    A store resumes only into the same key."""
+    return step_key(manifest["config"], {"model": manifest["model"], "source": manifest["source"]})
+
+
 def _resume_state(out: Path, fresh: dict[str, Any]) -> tuple[dict[str, Any], dict[str, RunningStats]]:
     old = read_manifest(out)
-    for key in ("config", "model", "source"):
-        if json.dumps(old[key], sort_keys=True) != json.dumps(fresh[key], sort_keys=True):
-            diff = {k: (old[key].get(k), v) for k, v in fresh[key].items() if old[key].get(k) != v}
-            raise StoreMismatchError(
-                f"{out} holds a harvest with different {key} settings ({diff}); to resume, use the same "
-                "command; otherwise choose a new --out folder or pass overwrite=True / --overwrite."
-            )
+    if harvest_key(old) != harvest_key(fresh):  # another step: say which part differs
+        for key in ("config", "model", "source"):
+            if step_key(old[key]) != step_key(fresh[key]):
+                diff = {k: (old[key].get(k), v) for k, v in fresh[key].items() if old[key].get(k) != v}
+                raise StoreMismatchError(
+                    f"{out} holds a harvest with different {key} settings ({diff}); to resume, use the same "
+                    "command; otherwise choose a new --out folder or pass overwrite=True / --overwrite."
+                )
     n = len(old["shards"])
     stats = _load_stats(out, old["config"]["hooks"], n)
     if stats is None and n:  # recompute from the shards, in the same order: identical sums
@@ -407,4 +416,4 @@ def harvest_rows(model, tokens: torch.Tensor, cfg: HarvestConfig) -> dict[str, t
     return out
 
 
-__all__ = ["HarvestConfig", "harvest", "model_identity", "check_model", "read_manifest", "load_shard"]
+__all__ = ["HarvestConfig", "harvest", "harvest_key", "model_identity", "check_model", "read_manifest", "load_shard"]
