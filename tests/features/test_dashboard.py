@@ -461,3 +461,30 @@ def test_neuronpedia_export(real, tmp_path):
     for bad in ({"model_id": "../up"}, {"source_id": "res-mechscope"}, {"source_id": "0-a/b"}):
         with pytest.raises(InputError):
             export_neuronpedia(stats, tok, tmp_path, **{"model_id": "m", "source_id": "0-s", **bad})
+
+
+def test_quantile_samples_show_their_text(real):
+    """Each histogram sample is shown with the text around it (from FeatureStats.sample_tokens), the sampled
+    token outlined, like the top examples."""
+    stats, tok, out = real
+    assert stats.sample_tokens is not None
+    before = stats.meta["sample_window"][0]
+    r = int(stats.count.argmax())
+    html = (out / "features" / f"{int(stats.features[r])}.html").read_text(encoding="utf-8")
+    chunks = [c.split("</div>")[0] for c in html.split('<div class="ex sample">')[1:]]
+    ok = (stats.sample_context[r] >= 0).nonzero().tolist()
+    assert len(chunks) == len(ok) > 1
+    shown = set()
+    for chunk in chunks:
+        spans = Elements(chunk).find("span", "tok")
+        marked = [attrs for _, attrs, _ in spans if "max" in attrs["class"].split()]
+        assert len(marked) == 1  # the sampled token
+        shown.add(re.search(r"context (\d+), pos (\d+)", chunk).groups())
+        ids = [int(re.search(r"· id (\d+) ·", attrs["title"]).group(1)) for _, attrs, _ in spans]
+        c, p = (int(v) for v in re.search(r"context (\d+), pos (\d+)", chunk).groups())
+        b, m = next((b, m) for b, m in ok if int(stats.sample_context[r, b, m]) == c
+                    and int(stats.sample_pos[r, b, m]) == p)
+        assert ids == [t for t in stats.sample_tokens[r, b, m].tolist() if t >= 0]
+        assert int(re.search(r"· id (\d+) ·", marked[0]["title"]).group(1)) == \
+            int(stats.sample_tokens[r, b, m, before])
+    assert len(shown) == len(ok)

@@ -93,6 +93,35 @@ def test_against_naive(setup, result):
     assert len(set(keys)) == len(keys)
 
 
+def test_samples_keep_their_text(setup, result, tmp_path):
+    """Each quantile sample carries the tokens around it (the default (8, 2) window), -1 outside its
+    context; save/load keeps them, and statistics saved without them still load."""
+    model, coder = setup
+    _, rows = naive_acts(model, coder)
+    before, after = result.meta["sample_window"]
+    assert (before, after) == (8, 2)
+    W = before + 1 + after
+    st = result.sample_tokens
+    assert st.shape == (*result.sample_context.shape, W)
+    ok = result.sample_context >= 0
+    assert ok.sum() > 50  # many samples: the check means something
+    for f, b, m in ok.nonzero().tolist():
+        c, p = int(result.sample_context[f, b, m]), int(result.sample_pos[f, b, m])
+        want = [int(rows[c, q]) if 0 <= q < T else -1 for q in range(p - before, p + after + 1)]
+        assert st[f, b, m].tolist() == want
+    assert (st[~ok] == -1).all()
+    result.save(tmp_path)
+    back = FeatureStats.load(tmp_path)
+    assert torch.equal(back.sample_tokens, st) and back.meta["sample_window"] == [8, 2]
+    (tmp_path / "old").mkdir()
+    import dataclasses
+
+    dataclasses.replace(result, sample_tokens=None).save(tmp_path / "old")
+    assert FeatureStats.load(tmp_path / "old").sample_tokens is None
+    with pytest.raises(InputError, match="sample_window"):
+        feature_stats(model, coder, "sotu", **KW, sample_window=(3,))
+
+
 def test_feature_subset_and_save_load(setup, result, tmp_path):
     model, coder = setup
     sub = feature_stats(model, coder, "sotu", **{**KW, "top_k": 5}, features=[7, 3, 40])
@@ -127,7 +156,7 @@ def test_resume_identical(setup, result, tmp_path, monkeypatch):
     res = feature_stats(model, coder, "sotu", **KW, out=tmp_path, checkpoint_every=2)
     assert seen == [8, 12]  # resumed after the 2 checkpointed batches, did not redo them
     for name in ("count", "act_sum", "act_max", "hist", "top_values", "top_context", "top_pos", "top_tokens",
-                 "top_acts", "sample_values", "sample_context", "sample_pos", "logit_top_ids"):
+                 "top_acts", "sample_values", "sample_context", "sample_pos", "sample_tokens", "logit_top_ids"):
         assert torch.equal(getattr(res, name), getattr(result, name)), name
     assert not (tmp_path / stats_mod.CKPT_META).exists()
     assert torch.equal(FeatureStats.load(tmp_path).top_acts, result.top_acts)

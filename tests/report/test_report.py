@@ -257,3 +257,24 @@ def test_real_smollm2_report_meets_the_acceptance(tmp_path):
         d.get(file_url(out / sae["index"]))
         assert "Latent" in d.page_source or "latent" in d.page_source
         assert console_errors(d) == []
+
+
+def test_activations_deleted_after_the_sae_unless_kept(report, tiny_lm_folder, tmp_path, capsys):
+    """The harvested store (the bulk of the folder) is gone once the SAE is trained; a cached rerun and a rerun
+    of the later stages do not need it; --keep-activations brings it back (and keeps it)."""
+    import shutil
+
+    _, out, _ = report
+    folder, _ = tiny_lm_folder
+    store = out / "artifacts" / "harvest" / "store"
+    assert not store.exists() and (out / "artifacts" / "sae" / "sae").exists()
+    copy = tmp_path / "rep"
+    shutil.copytree(out, copy)
+    capsys.readouterr()
+    build_report(tiny_cfg(folder, copy, n_dashboards=6))  # later stages rerun without the store
+    log = capsys.readouterr().out
+    assert "[harvest] cached" in log and "[sae] cached" in log and "[features] running" in log
+    build_report(tiny_cfg(folder, copy, n_dashboards=6, keep_activations=True))
+    log = capsys.readouterr().out
+    assert "[harvest] running" in log and "[sae] cached" in log
+    assert (copy / "artifacts" / "harvest" / "store" / "manifest.json").exists()

@@ -22,7 +22,7 @@ from mechscope.errors import CorruptFileError, InputError, UnknownFormatError, U
 from mechscope.sae.coder import SparseCoder
 from mechscope.sae.config import SAEConfig
 from mechscope.sae.io import FORMATS, MultipleCodersError, detect_format, load, load_all, save
-from mechscope.sae.io._common import threshold_to_log
+from mechscope.sae.io.common import threshold_to_log
 
 PEERS = Path(__file__).parent / "fixtures" / "peers"
 D, N, D_OUT = 16, 32, 12

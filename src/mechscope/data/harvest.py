@@ -30,6 +30,8 @@ from mechscope.data.stats import RunningStats
 from mechscope.errors import CorruptFileError, InputError, StoreMismatchError, StoreWriteError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
 from mechscope.models.identity import model_identity, same_model
+from mechscope.options import option
+from mechscope.steps import step_key
 
 FORMAT = "mechscope.activations"
 VERSION = 1
@@ -42,18 +44,20 @@ STATS = "stats.safetensors"
 class HarvestConfig:
     """Everything that determines a store's bytes (stored in the manifest; a resume must match it)."""
 
-    hooks: list[str]
-    n_tokens: int  # activation rows to write (per hook)
-    context_len: int = 128
-    batch_size: int = 8  # contexts per forward pass
-    shard_tokens: int = 65536  # rows per shard (rounded to whole batches)
-    dtype: str = "float32"  # storage dtype: float32 | bfloat16 | float16
-    exclude_bos: bool = True  # drop the prepended BOS position (an attention sink with a huge norm)
-    keep_tokens: bool = True  # store token ids, context ids, positions and the contexts themselves
-    corpus: str = "sotu"
-    split: str = "train"
-    seed: int = 0
-    prepend_bos: bool = True
+    hooks: list[str] = option(help="comma-separated hook names, e.g. blocks.6.hook_resid_post")
+    n_tokens: int = option(help="activation rows (tokens) to write, per hook", flag="--tokens")
+    context_len: int = option(128, help="tokens per packed context")
+    batch_size: int = option(8, help="contexts per forward pass")
+    shard_tokens: int = option(65536, help="rows per shard (rounded to whole batches)")
+    dtype: str = option("float32", help="storage dtype of the activations", choices=DTYPES)
+    exclude_bos: bool = option(True, flag="--keep-bos", help="also store the prepended BOS position (by "
+                               "default it is dropped: an attention sink with a huge norm)")
+    keep_tokens: bool = option(True, flag="--no-tokens", help="do not store token ids, context ids, positions "
+                               "and the contexts themselves")
+    corpus: str = option("sotu", help="built-in corpus (sotu, python-stdlib) or a path")
+    split: str = option("train", help="corpus split")
+    seed: int = option(0, help="shuffles the corpus' document order")
+    prepend_bos: bool = option(True, cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.hooks, str):
@@ -294,15 +298,23 @@ def _remove_store(out: Path) -> None:
             p.unlink()
 
 
+def harvest_key(manifest: dict[str, Any]) -> str:
+    """The harvest as a cached step (mechscope.steps): its settings (the HarvestConfig) and the identity of
+    its inputs (the model, whole: a bf16 run writes other bytes than an fp32 one; the packed text source).
+    A store resumes only into the same key."""
+    return step_key(manifest["config"], {"model": manifest["model"], "source": manifest["source"]})
+
+
 def _resume_state(out: Path, fresh: dict[str, Any]) -> tuple[dict[str, Any], dict[str, RunningStats]]:
     old = read_manifest(out)
-    for key in ("config", "model", "source"):
-        if json.dumps(old[key], sort_keys=True) != json.dumps(fresh[key], sort_keys=True):
-            diff = {k: (old[key].get(k), v) for k, v in fresh[key].items() if old[key].get(k) != v}
-            raise StoreMismatchError(
-                f"{out} holds a harvest with different {key} settings ({diff}); to resume, use the same "
-                "command; otherwise choose a new --out folder or pass overwrite=True / --overwrite."
-            )
+    if harvest_key(old) != harvest_key(fresh):  # another step: say which part differs
+        for key in ("config", "model", "source"):
+            if step_key(old[key]) != step_key(fresh[key]):
+                diff = {k: (old[key].get(k), v) for k, v in fresh[key].items() if old[key].get(k) != v}
+                raise StoreMismatchError(
+                    f"{out} holds a harvest with different {key} settings ({diff}); to resume, use the same "
+                    "command; otherwise choose a new --out folder or pass overwrite=True / --overwrite."
+                )
     n = len(old["shards"])
     stats = _load_stats(out, old["config"]["hooks"], n)
     if stats is None and n:  # recompute from the shards, in the same order: identical sums
@@ -404,4 +416,4 @@ def harvest_rows(model, tokens: torch.Tensor, cfg: HarvestConfig) -> dict[str, t
     return out
 
 
-__all__ = ["HarvestConfig", "harvest", "model_identity", "check_model", "read_manifest", "load_shard"]
+__all__ = ["HarvestConfig", "harvest", "harvest_key", "model_identity", "check_model", "read_manifest", "load_shard"]

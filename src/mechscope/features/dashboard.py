@@ -52,7 +52,7 @@ from mechscope.viz.html import (
     write_page,
 )
 
-__all__ = ["display_token", "explanation_map", "score_map", "token_texts", "write_dashboards"]
+__all__ = ["display_token", "explanation_map", "pick_rows", "score_map", "token_texts", "write_dashboards"]
 
 _HI = (230, 110, 0)  # positive activation shade (orange)
 _LO = (31, 95, 168)  # negative activation shade (blue), for coders whose latents can go below 0
@@ -270,12 +270,15 @@ class _Data:
         self.sample_values = stats.sample_values[R].tolist()  # [n][bins][m]
         self.sample_context = stats.sample_context[R].tolist()
         self.sample_pos = stats.sample_pos[R].tolist()
+        st = getattr(stats, "sample_tokens", None)  # None: statistics saved before samples kept their text
+        self.sample_tokens = st[R].tolist() if st is not None else None  # [n][bins][m][W]
+        self.sample_before = int(((stats.meta or {}).get("sample_window") or [0, 0])[0])
         self.count = stats.count[R].tolist()
         self.act_max = stats.act_max[R].tolist()
         self.mean_act = stats.mean_act[R].tolist()
         self.density = stats.density[R].tolist()
         self.edges = stats.hist_edges.tolist()
-        ids = [wt.flatten()]
+        ids = [wt.flatten()] + ([st[R].flatten().long()] if st is not None else [])
         self.logits = stats.logit_top_ids is not None and stats.logit_bottom_ids is not None
         if self.logits:
             self.lt_ids, self.lt_val = stats.logit_top_ids[R].tolist(), stats.logit_top_values[R].tolist()
@@ -334,22 +337,39 @@ def _feature_page(d: _Data, i: int, latent: int, *, expl: str | None, score: flo
     counts, edges = d.hist[i], d.edges
     total = sum(counts)
     rows = []
+    samples_html: list[str] = []  # each sample's text, bin by bin (below the table)
     for b, c in enumerate(counts):
         if c == 0:
             continue
-        samp = sorted(((sv, sc, sp) for sv, sc, sp in zip(d.sample_values[i][b], d.sample_context[i][b],
-                                                           d.sample_pos[i][b]) if sc >= 0), reverse=True)
+        samp = sorted(((sv, sc, sp, m) for m, (sv, sc, sp) in enumerate(zip(
+            d.sample_values[i][b], d.sample_context[i][b], d.sample_pos[i][b])) if sc >= 0), reverse=True)
+        if d.sample_tokens is not None:
+            before_s = d.sample_before
+            for sv, sc, sp, m in samp:
+                ids_w = d.sample_tokens[i][b][m]
+                acts_w = [sv if w == before_s else 0.0 for w in range(len(ids_w))]
+                toks = _tokens_html(ids_w, acts_w, sp - before_s, before_s, vmax, sp - before_s > 0 and ids_w[0] >= 0,
+                                    ids_w[-1] >= 0, d)
+                samples_html.append(f'<div class="ex sample"><span class="lab">bin [{edges[b]:.3g}, {edges[b + 1]:.3g}) · '
+                                    f"act {sv:.4g} · context {sc}, pos {sp}</span>{toks}</div>")
         rows.append([Cell(f"[{edges[b]:.3g}, {edges[b + 1]:.3g})", sort=edges[b]), c,
                      Cell(f"{c / total:.1%}", sort=c / total),
-                     ", ".join(f"{sv:.4g}" for sv, _, _ in samp),
-                     ", ".join(f"ctx {sc} @ {sp}" for _, sc, sp in samp)])
+                     ", ".join(f"{sv:.4g}" for sv, _, _, _ in samp),
+                     ", ".join(f"ctx {sc} @ {sp}" for _, sc, sp, _ in samp)])
     hist_html = _hist_svg(counts, edges)
     if rows:
         hist_html += table(["activation bin", "count", "share", "sampled activations", "sampled at (context @ pos)"],
                            rows, sortable=True, id="hist-table")
         hist_html += ('<p class="note">Bins are log-spaced; the first and last bins also hold values outside the '
-                      "range. Samples are random firing tokens of each bin; the statistics keep their value and "
-                      "location (context id in the packed stream, position), not their text.</p>")
+                      "range. Samples are random firing tokens of each bin (value and location: context id in the "
+                      "packed stream, position).</p>")
+        if samples_html:
+            hist_html += ('<h3>Sampled contexts, per bin</h3>' + "".join(samples_html)
+                          + f'<p class="note">{d.sample_before} tokens before each sampled token (outlined) and a '
+                          "few after.</p>")
+        else:
+            hist_html += ('<p class="note">These statistics were saved without the samples\' text (rerun '
+                          "feature_stats to see it).</p>")
     # logit effects
     if d.logits:
         pos_t = table(["promoted token", "logit effect"],
@@ -383,9 +403,9 @@ def _density_overview(stats: Any) -> Markup | None:
         return None
     import matplotlib.style
 
-    from mechscope.viz.plots import _STYLE
+    from mechscope.viz.plots import PLOT_STYLE
 
-    with matplotlib.style.context(_STYLE):
+    with matplotlib.style.context(PLOT_STYLE):
         fig = Figure(figsize=(6.0, 2.2), layout="constrained")
         ax = fig.add_subplot()
         ax.hist(np.log10(live), bins=40, color="#e06c00")
@@ -396,7 +416,11 @@ def _density_overview(stats: Any) -> Markup | None:
         return figure_img(fig, "histogram of log10 feature density over all tracked latents")
 
 
-def _pick_rows(stats: Any, features: Any, max_pages: int) -> list[int]:
+def pick_rows(stats: Any, features: Any, max_pages: int) -> list[int]:
+    """Rows of `stats` to render: those of the requested latents (refusing unknown ones and more than
+    max_pages), or, with features=None, every live latent in latent order (the max_pages most frequent,
+    with a warning, when there are more). Shared by the dashboards and the Neuronpedia export so both
+    show the same features."""
     lat = stats.features.tolist()
     row_of = {f: r for r, f in enumerate(lat)}
     if not isinstance(max_pages, int) or max_pages < 1:
@@ -437,7 +461,7 @@ def write_dashboards(stats: Any, tokenizer: Any, out: str | Path, *, features: A
     if not (isinstance(context_window, tuple) and len(context_window) == 2
             and all(isinstance(v, int) and v >= 0 for v in context_window)):
         raise InputError(f"context_window must be (tokens_before, tokens_after) >= 0, got {context_window!r}.")
-    rows = _pick_rows(stats, features, max_pages)
+    rows = pick_rows(stats, features, max_pages)
     expl, sc = explanation_map(explanations), score_map(scores)
     settings = (stats.meta or {}).get("settings", {}) if isinstance(stats.meta, Mapping) else {}
     model_name = model_name if model_name is not None else settings.get("model")

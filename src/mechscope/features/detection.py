@@ -44,8 +44,8 @@ from mechscope.errors import (
     InputError,
     OutputNotWritableError,
 )
-from mechscope.features.explain import Explanation, _call, _decode_many, artifact_id
-from mechscope.features.stats import _acts_fn, _check, _without_token
+from mechscope.features.explain import Explanation, artifact_id, call_explainer, decode_many
+from mechscope.features.stats import check_coder, latent_acts_fn, without_token
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -237,7 +237,7 @@ def detection_windows(
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < context_len):
         raise InputError(f"tokens must be None or an int >= context_len ({context_len}), got {tokens!r}.")
     feats = None if features is None else torch.as_tensor(features, dtype=torch.long).flatten()
-    hook, stop = _check(model, coder, feats)
+    hook, stop = check_coder(model, coder, feats)
     if context_len > model.cfg.n_ctx:
         raise InputError(f"context_len {context_len} exceeds the model's n_ctx {model.cfg.n_ctx}.")
     if isinstance(text, PackedContexts):
@@ -251,11 +251,11 @@ def detection_windows(
     max_ctx = None if tokens is None else tokens // context_len
     F = coder.cfg.n_latents if feats is None else feats.numel()
     n_w = context_len // window
-    run = _acts_fn(model, coder, hook, stop, feats)
+    run = latent_acts_fn(model, coder, hook, stop, feats)
     desc = stream.describe()
     bos_id = desc.get("bos_token_id") if exclude_bos else None
     if bos_id is not None:
-        run = _without_token(run, int(bos_id))
+        run = without_token(run, int(bos_id))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -363,10 +363,10 @@ class LLMDetector:
             random.Random(f"{self.seed}:{e.feature}").shuffle(rows)
             for s in range(0, len(rows), self.per_prompt):
                 chunk = rows[s : s + self.per_prompt]
-                texts = _decode_many(self.tokenizer, [[t for t in windows[i, r].tolist() if t >= 0] for r in chunk])
+                texts = decode_many(self.tokenizer, [[t for t in windows[i, r].tolist() if t >= 0] for r in chunk])
                 examples = "\n".join(f"{k}. {t.strip()}".replace("\n", "\\n") for k, t in enumerate(texts, 1))
                 prompt = LLM_DETECT_PROMPT.format(explanation=e.text, n=len(chunk), examples=examples)
-                picked = parse_selection(_call(self.explainer, prompt, f"feature {e.feature} (detection)"),
+                picked = parse_selection(call_explainer(self.explainer, prompt, f"feature {e.feature} (detection)"),
                                          len(chunk))
                 for k in picked:
                     out[i, chunk[k - 1]] = True

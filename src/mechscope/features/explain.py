@@ -36,6 +36,8 @@ from mechscope.fileio import atomic_write_json
 __all__ = [
     "Explanation",
     "OpenAIExplainer",
+    "call_explainer",
+    "decode_many",
     "explain_llm",
     "explain_offline",
     "load_explanations",
@@ -179,8 +181,9 @@ def token_counts(tokens: Any, vocab_size: int, *, max_tokens: int | None = None,
 # ---------------------------------------------------------------------------- helpers
 
 
-def _decode_many(tok: Any, seqs: list[list[int]]) -> list[str]:
-    """Decode many token lists in one call (transformers or raw tokenizers)."""
+def decode_many(tok: Any, seqs: list[list[int]]) -> list[str]:
+    """Decode many token lists in one call (transformers or raw `tokenizers` objects), special tokens
+    skipped and spaces kept as they are, so a token's text is the same in explanations and detection."""
     if not seqs:
         return []
     if hasattr(tok, "batch_decode"):
@@ -373,7 +376,7 @@ def explain_offline(
     sel = (chosen_round >= 0).nonzero().flatten()
     sel = sel[torch.argsort(f_c[sel] * max_terms + chosen_round[sel])]
     seqs = [[a, b] if a >= 0 else [b] for a, b in zip(first[sel].tolist(), last[sel].tolist())]
-    texts = _decode_many(tok, seqs)
+    texts = decode_many(tok, seqs)
     per_f: dict[int, list[tuple[tuple[int, ...], str, float, float, float]]] = {}
     for fr, s, t, sh, pr, pp in zip(f_c[sel].tolist(), seqs, texts, share_at[sel].tolist(), prec[sel].tolist(),
                                     p[sel].tolist()):
@@ -535,8 +538,9 @@ class OpenAIExplainer:
         return content
 
 
-def _call(explainer: Callable[[str], str], prompt: str, what: str) -> str:
-    """Run a user explainer; every failure becomes an ExplainerError that says which call failed."""
+def call_explainer(explainer: Callable[[str], str], prompt: str, what: str) -> str:
+    """Run a user explainer (prompt -> answer) on `what` (e.g. 'feature 12'); every failure, or an answer that
+    is not a str, becomes an ExplainerError that says which call failed."""
     try:
         out = explainer(prompt)
     except ExplainerError:
@@ -609,11 +613,11 @@ def explain_llm(
         for n, j in enumerate(js, 1):
             v = valid[r, j]
             ids = tokens[r, j][v].tolist()
-            pieces = _decode_many(tok, [[i] for i in ids])
+            pieces = decode_many(tok, [[i] for i in ids])
             blocks.append(f"Example {n}: " + _render(pieces, active[r, j][v].tolist()))
         latent = int(stats.features[rows[r]])
         prompt = EXPLAIN_PROMPT.format(examples="\n".join(blocks))
-        text = _clean_answer(_call(explainer, prompt, f"feature {latent}"))
+        text = _clean_answer(call_explainer(explainer, prompt, f"feature {latent}"))
         if not text:
             raise ExplainerError(f"The explainer gave an empty explanation for feature {latent}; check the model "
                                  "and its settings (e.g. max_tokens).")

@@ -54,8 +54,9 @@ from typing import Any
 import torch
 
 from mechscope.errors import InputError, OutputNotWritableError
-from mechscope.features.dashboard import _pick_rows, explanation_map, token_texts
+from mechscope.features.dashboard import explanation_map, pick_rows, token_texts
 from mechscope.fileio import atomic_write_bytes
+from mechscope.models.hooks import split_hook_name
 
 __all__ = ["export_neuronpedia", "neuronpedia_model_id", "neuronpedia_source_id"]
 
@@ -98,13 +99,12 @@ def neuronpedia_model_id(name: str) -> str:
 
 def neuronpedia_source_id(hook: str, set_name: str = "mechscope") -> str:
     """Neuronpedia's source id '{layer}-{kind}-{set}' for a hook: blocks.7.hook_resid_post -> 7-res-mechscope."""
-    m = re.match(r"blocks\.(\d+)\.(.*)", hook)
-    if not m:
+    layer, rest = split_hook_name(hook)
+    if layer is None:
         return f"0-{neuronpedia_model_id(hook)}-{set_name}"
-    rest = m.group(2)
     kind = ("res" if "resid" in rest else "mlp" if "mlp" in rest else "att" if "attn" in rest
             else neuronpedia_model_id(rest))
-    return f"{m.group(1)}-{kind}-{set_name}"
+    return f"{layer}-{kind}-{set_name}"
 
 
 def export_neuronpedia(stats: Any, tokenizer: Any, out: str | Path, *, model_id: str, source_id: str,
@@ -123,7 +123,7 @@ def export_neuronpedia(stats: Any, tokenizer: Any, out: str | Path, *, model_id:
                          f"got {source_id!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}.")
-    rows = _pick_rows(stats, features, max_features)
+    rows = pick_rows(stats, features, max_features)
     expl = explanation_map(explanations)
     notes = _explanation_notes(explanations)
     settings = stats.meta.get("settings", {}) if isinstance(stats.meta, Mapping) else {}

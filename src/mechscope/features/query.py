@@ -19,7 +19,7 @@ import torch
 
 from mechscope.data.packing import as_tokenizer, make_encoder, tokenizer_fingerprint
 from mechscope.errors import ArtifactMismatchError, ContextLengthError, InputError
-from mechscope.features.stats import FeatureStats, _acts_fn, _check, _without_token
+from mechscope.features.stats import FeatureStats, check_coder, latent_acts_fn, without_token
 
 __all__ = ["FeatureActivations", "active_features", "nearest_features", "search_features"]
 
@@ -86,11 +86,11 @@ def active_features(model, coder, prompt: str | torch.Tensor, *, top_n: int = 5,
         # rotary models would run, but past n_ctx they never trained and the features mean nothing there
         raise ContextLengthError(f"The prompt is {T} tokens, longer than the model's context of {model.cfg.n_ctx}; "
                                  "shorten it or split it into pieces.")
-    hook, stop = _check(model, coder, None)
-    run = _acts_fn(model, coder, hook, stop, None)
+    hook, stop = check_coder(model, coder, None)
+    run = latent_acts_fn(model, coder, hook, stop, None)
     bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
     if exclude_bos and bos is not None:
-        run = _without_token(run, int(bos))
+        run = without_token(run, int(bos))
     with torch.no_grad():
         acts = run(tokens[None].long())[0]  # [T, n]  (the forward validates the id range)
     n = min(top_n, acts.shape[-1])

@@ -17,7 +17,8 @@ of tokens, so peak memory is flat however long the run. Choices (documented beca
 - Quantile samples: for each (feature, histogram bin), a uniform random sample without replacement of
   `n_quantiles` firing tokens (bottom-k sampling: every firing token gets a random priority, the m lowest
   are kept). Priorities come from a generator seeded by (seed, first context of the batch), so a resumed
-  run draws exactly what an uninterrupted one would.
+  run draws exactly what an uninterrupted one would. Each sample keeps a small window of its context's
+  tokens (`sample_window` before / after it) so dashboards show its text like the top examples'.
 - Logit effects: decoder rows through the final norm's weight (centred first for LayerNorm; the scale is
   a positive per-token factor and is left out) and the unembedding: the direct effect on each token's
   logit of writing the feature, per unit activation.
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,9 @@ from mechscope.data.packing import PackedContexts, contexts
 from mechscope.data.sources import TextSource
 from mechscope.errors import InputError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
+from mechscope.models.hooks import layer_of
 
-__all__ = ["FeatureStats", "feature_stats", "logit_effects"]
+__all__ = ["FeatureStats", "check_coder", "feature_stats", "latent_acts_fn", "logit_effects", "without_token"]
 
 HIST_LO, HIST_HI = 1e-4, 1e4  # log-spaced histogram range of nonzero activations
 STATS_FILE, META_FILE = "feature_stats.safetensors", "feature_stats.json"
@@ -78,6 +79,9 @@ class FeatureStats:
     logit_bottom_ids: torch.Tensor | None  # [F, n_logits] long: tokens most suppressed
     logit_bottom_values: torch.Tensor | None  # [F, n_logits] float32
     meta: dict[str, Any] = field(default_factory=dict)
+    # [F, bins, m, W] int32: the tokens around each sample (meta["sample_window"] = [before, after]; the sample
+    # is at index `before`), -1 outside its context or where empty; None in statistics saved before they had it
+    sample_tokens: torch.Tensor | None = None
 
     @property
     def density(self) -> torch.Tensor:  # [F] fraction of tokens where the feature fired
@@ -136,14 +140,16 @@ def logit_effects(model, coder, features: torch.Tensor | None = None) -> torch.T
 
 def _layer_of(hook: str, n_layers: int) -> int | None:
     """stop_at_layer that still computes `hook` (None: needs the whole model)."""
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    if m:
-        return int(m.group(1)) + 1 if int(m.group(1)) + 1 < n_layers else None
+    layer = layer_of(hook)
+    if layer is not None:
+        return layer + 1 if layer + 1 < n_layers else None
     return 0 if hook in ("hook_embed", "hook_pos_embed", "hook_tokens") else None
 
 
-def _acts_fn(model, coder, hook: str, stop: int | None, feats: torch.Tensor | None):
-    """tokens [B, T] -> latent acts [B, T, F] (float32) of the tracked features."""
+def latent_acts_fn(model, coder, hook: str, stop: int | None, feats: torch.Tensor | None):
+    """A function tokens [B, T] -> latent acts [B, T, F] (float32, CPU) of the tracked features `feats` (all
+    latents when None). One forward pass stopped at `stop` (see check_coder), shared by the statistics pass,
+    detection windows and feature search so all three see exactly the same activations."""
 
     def run(tokens: torch.Tensor) -> torch.Tensor:
         _, cache = model.run_with_cache(tokens.to(model.device), names_filter=hook, stop_at_layer=stop,
@@ -157,8 +163,9 @@ def _acts_fn(model, coder, hook: str, stop: int | None, feats: torch.Tensor | No
     return run
 
 
-def _without_token(run, token_id: int):
-    """`run` with the activations at every occurrence of token_id set to 0 (not firing)."""
+def without_token(run, token_id: int):
+    """`run` (a latent_acts_fn) with the activations at every occurrence of token_id set to 0 (not firing):
+    how BOS positions are excluded, since the BOS residual is the same in every context."""
 
     def masked(tokens: torch.Tensor) -> torch.Tensor:
         acts = run(tokens)  # [B, T, F]
@@ -167,7 +174,10 @@ def _without_token(run, token_id: int):
     return masked
 
 
-def _check(model, coder, feats: torch.Tensor | None) -> tuple[str, int | None]:
+def check_coder(model, coder, feats: torch.Tensor | None) -> tuple[str, int | None]:
+    """(hook the coder reads, stop_at_layer that still computes it), after refusing a coder that does not fit
+    the model (sae.sources.check_coder_fits: unknown hook, other width, other model) or latent indices out of
+    range, with a typed error."""
     from mechscope.sae.sources import check_coder_fits
 
     hook, _ = check_coder_fits(model, coder, target_hook=None)  # the input hook: these are its latents
@@ -181,10 +191,12 @@ class _State:
     """The bounded accumulators: sizes depend on (F, k, bins, m) only."""
 
     NAMES = ("count", "act_sum", "act_max", "hist", "top_values", "top_context", "top_pos", "top_tokens",
-             "top_acts", "s_prio", "s_values", "s_context", "s_pos")
+             "top_acts", "s_prio", "s_values", "s_context", "s_pos", "s_tokens")
 
-    def __init__(self, F: int, k: int, bins: int, m: int, T: int):
+    def __init__(self, F: int, k: int, bins: int, m: int, T: int, window: tuple[int, int] = (8, 2)):
         self.F, self.k, self.bins, self.m = F, k, bins, m
+        self.window = window
+        W = window[0] + 1 + window[1]
         self.count = torch.zeros(F, dtype=torch.long)
         self.act_sum = torch.zeros(F, dtype=torch.float64)
         self.act_max = torch.zeros(F)
@@ -199,6 +211,7 @@ class _State:
         self.s_values = torch.zeros(G, m)
         self.s_context = torch.full((G, m), _EMPTY, dtype=torch.long)
         self.s_pos = torch.full((G, m), _EMPTY, dtype=torch.long)
+        self.s_tokens = torch.full((G, m, W), _EMPTY, dtype=torch.int32)  # [G, m, W] tokens around each sample
         self.consumed = 0  # contexts
         self.n_tokens = 0
 
@@ -271,11 +284,21 @@ class _State:
         new_v[at, rk] = a[keep]
         new_c[at, rk] = first_ctx + torch.div(tok[keep], T, rounding_mode="floor")
         new_s[at, rk] = tok[keep] % T
+        # the tokens around each kept sample: positions pos - before .. pos + after of its context
+        b0, a0 = self.window
+        W = b0 + 1 + a0
+        row, pos = torch.div(tok[keep], T, rounding_mode="floor"), tok[keep] % T  # [K]
+        idx = pos[:, None] + torch.arange(-b0, a0 + 1)  # [K, W]
+        inside = (idx >= 0) & (idx < T)
+        win = tokens.int()[row[:, None], idx.clamp(0, T - 1)].masked_fill(~inside, _EMPTY)  # [K, W]
+        new_t = torch.full((U, self.m, W), _EMPTY, dtype=torch.int32)
+        new_t[at, rk] = win
         p2, j = torch.topk(torch.cat([self.s_prio[ug], new_p], 1), self.m, dim=1, largest=False)
         self.s_prio[ug] = p2
         self.s_values[ug] = torch.cat([self.s_values[ug], new_v], 1).gather(1, j)
         self.s_context[ug] = torch.cat([self.s_context[ug], new_c], 1).gather(1, j)
         self.s_pos[ug] = torch.cat([self.s_pos[ug], new_s], 1).gather(1, j)
+        self.s_tokens[ug] = torch.cat([self.s_tokens[ug], new_t], 1).gather(1, j[..., None].expand(-1, -1, W))
 
 
 def _topk_earliest(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -332,6 +355,7 @@ def feature_stats(
     out: str | Path | None = None,
     checkpoint_every: int = 50,
     exclude_bos: bool = True,
+    sample_window: tuple[int, int] = (8, 2),
     progress: bool = True,
 ) -> FeatureStats:
     """One streaming pass over `text` (a corpus name / anything `contexts` accepts, or a PackedContexts)
@@ -340,18 +364,23 @@ def feature_stats(
     histogram bin, and the top/bottom `n_logits` direct logit effects. tokens: stop after about this many
     tokens (whole contexts; None: the whole source). out: save there and checkpoint/resume.
     exclude_bos: BOS positions count as not firing and are not counted as tokens (the BOS residual is the
-    same in every context, so a feature firing on it would fill its top-k with identical BOS examples)."""
+    same in every context, so a feature firing on it would fill its top-k with identical BOS examples).
+    sample_window: (tokens before, tokens after) kept around each quantile sample (its text on dashboards)."""
     for name, v, lo in (("context_len", context_len, 2), ("batch_size", batch_size, 1), ("top_k", top_k, 1),
                         ("n_quantiles", n_quantiles, 1), ("hist_bins", hist_bins, 1), ("n_logits", n_logits, 1),
                         ("checkpoint_every", checkpoint_every, 1)):
         if not isinstance(v, int) or v < lo:
             raise InputError(f"{name} must be an int >= {lo}, got {v!r}.")
+    if not (isinstance(sample_window, (tuple, list)) and len(sample_window) == 2
+            and all(isinstance(v, int) and v >= 0 for v in sample_window)):
+        raise InputError(f"sample_window must be (tokens_before, tokens_after) >= 0, got {sample_window!r}.")
+    sample_window = (int(sample_window[0]), int(sample_window[1]))
     if tokens is not None and (not isinstance(tokens, int) or tokens < context_len):
         raise InputError(f"tokens must be None or an int >= context_len ({context_len}), got {tokens!r}.")
     feats = None
     if features is not None:
         feats = torch.as_tensor(features, dtype=torch.long).flatten()
-    hook, stop = _check(model, coder, feats)
+    hook, stop = check_coder(model, coder, feats)
     if context_len > model.cfg.n_ctx:
         raise InputError(f"context_len {context_len} exceeds the model's n_ctx {model.cfg.n_ctx}.")
     if isinstance(text, PackedContexts):
@@ -368,14 +397,14 @@ def feature_stats(
              "batch_size": batch_size, "top_k": top_k, "n_quantiles": n_quantiles, "hist_bins": hist_bins,
              "n_logits": n_logits, "seed": seed, "max_contexts": max_ctx,
              "features": None if feats is None else feats.tolist(), "model": model.cfg.model_name,
-             "exclude_bos": exclude_bos}
+             "exclude_bos": exclude_bos, "sample_window": list(sample_window)}
     ident = json.loads(json.dumps(ident, default=str))
     folder = Path(out) if out is not None else None
     if folder is not None and (folder / META_FILE).exists():
         done = FeatureStats.load(folder)
         if done.meta.get("settings") == ident:
             return done
-    st = _State(F, top_k, hist_bins, n_quantiles, context_len)
+    st = _State(F, top_k, hist_bins, n_quantiles, context_len, sample_window)
     if folder is not None and (folder / CKPT_META).exists():
         cm = json.loads((folder / CKPT_META).read_text())
         if cm.get("settings") == ident:
@@ -383,10 +412,10 @@ def feature_stats(
                 setattr(st, n, t)
             st.consumed, st.n_tokens = cm["consumed"], cm["n_tokens"]
 
-    run = _acts_fn(model, coder, hook, stop, feats)
+    run = latent_acts_fn(model, coder, hook, stop, feats)
     bos_id = stream.describe().get("bos_token_id") if exclude_bos else None
     if bos_id is not None:
-        run = _without_token(run, int(bos_id))
+        run = without_token(run, int(bos_id))
     total = None if max_ctx is None else max_ctx
     bar = None
     if progress:
@@ -428,9 +457,9 @@ def feature_stats(
         count=st.count, act_sum=st.act_sum, act_max=st.act_max, hist=st.hist, hist_edges=_edges(hist_bins),
         top_values=st.top_values, top_context=st.top_context, top_pos=st.top_pos, top_tokens=st.top_tokens.long(),
         top_acts=st.top_acts, sample_values=st.s_values.view(G), sample_context=st.s_context.view(G),
-        sample_pos=st.s_pos.view(G), logit_top_ids=lt, logit_top_values=ltv, logit_bottom_ids=lb,
+        sample_pos=st.s_pos.view(G), sample_tokens=st.s_tokens.view(*G, -1), logit_top_ids=lt, logit_top_values=ltv, logit_bottom_ids=lb,
         logit_bottom_values=lbv, meta={"settings": ident, "logit_effects_note": logit_note,
-                                       "hist_range": [HIST_LO, HIST_HI]})
+                                       "hist_range": [HIST_LO, HIST_HI], "sample_window": list(sample_window)})
     if folder is not None:
         res.save(folder)
         for f in (CKPT_FILE, CKPT_META):

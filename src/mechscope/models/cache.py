@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from mechscope.errors import CorruptFileError, HookNameError, InputError, unknown_name_message
+from mechscope.models.hooks import layer_of
 
 Index = int | slice | tuple | list | torch.Tensor | None  # pos_slice / batch_slice (TL's Slice input)
 _ATTN = {"q", "k", "v", "z", "rot_q", "rot_k", "result", "pattern", "attn_scores"}
@@ -147,7 +147,7 @@ class ActivationCache(Mapping):
     def n_layers(self) -> int:
         if "n_layers" in self._meta:
             return int(self._meta["n_layers"])
-        layers = [int(m.group(1)) for k in self._store if (m := re.match(r"blocks\.(\d+)\.", k))]
+        layers = [layer for k in self._store if (layer := layer_of(k)) is not None]
         return max(layers) + 1 if layers else 0
 
     def _need_model(self, what: str) -> Any:

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mechscope.config_io import from_dict
 from mechscope.errors import InputError
 
 Act = Literal["gelu", "gelu_tanh", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "quick_gelu"]
@@ -106,11 +107,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise InputError(f"Unknown ModelConfig fields {sorted(unknown)}; known: {sorted(names)}.")
-        return cls(**d)
+        """Refuses unknown keys (InputError naming them); see mechscope.config_io.from_dict."""
+        return from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -5,7 +5,8 @@
     OUT/artifacts/<stage>/stage.json   the stage's key and its small JSON result: present = stage done
     OUT/artifacts/<stage>/.stage_key   written when a stage starts: a folder with another key is stale
 
-A stage's key hashes its settings, the model identity and the keys of the stages it reads, so
+A stage's key is a mechscope.steps.step_key of its settings and the identity of its inputs (the model
+identity and the keys of the stages it reads), so
 changing --tokens re-runs the SAE stages but not the head detectors, and a second run with the
 same settings only re-renders the page. Interrupted stages resume inside their folder (the harvest,
 the SAE trainer and the feature pass checkpoint themselves); a folder left by an older key is
@@ -14,7 +15,6 @@ deleted before the stage runs again (it is ours: report.json says so).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,14 +25,11 @@ from typing import Any
 
 from mechscope.errors import ArtifactMismatchError, OutputNotWritableError
 from mechscope.fileio import atomic_write_json
+from mechscope.steps import done, forget, mark_done
 
 REPORT_FILE = "report.json"
 STAGE_FILE = "stage.json"
 KEY_FILE = ".stage_key"
-
-
-def stage_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_writable(out: Path) -> None:
@@ -81,19 +78,22 @@ class ReportFolder:
         for name in ("index.html", REPORT_FILE):
             (self.out / name).unlink(missing_ok=True)
 
+    def is_done(self, name: str, key: str) -> bool:
+        """Whether stage `name` finished under `key` (its cached result can be used)."""
+        return done(self.artifacts / name, key, name=STAGE_FILE) is not None
+
+    def forget(self, name: str) -> None:
+        """Make stage `name` run again next time (e.g. its output was deleted); its folder is reused."""
+        forget(self.artifacts / name, name=STAGE_FILE)
+
     def stage(self, name: str, key: str, build: Callable[[Path], dict[str, Any]], *,
               log: Callable[[str], None] = print) -> dict[str, Any]:
         """Run build(folder) -> JSON-able result once per key; later calls return the cached result."""
         folder = self.artifacts / name
-        meta = folder / STAGE_FILE
-        if meta.exists():
-            try:
-                done = json.loads(meta.read_text())
-                if done.get("key") == key:
-                    log(f"[{name}] cached ({done.get('seconds', 0):.0f} s when built)")
-                    return done["result"]
-            except ValueError:
-                pass  # a damaged stage.json: rebuild the stage
+        record = done(folder, key, name=STAGE_FILE)  # None also for a damaged stage.json: rebuild the stage
+        if record is not None:
+            log(f"[{name}] cached ({record.seconds:.0f} s when built)")
+            return record.result
         marker = folder / KEY_FILE
         if folder.exists() and (not marker.exists() or marker.read_text().strip() != key):
             shutil.rmtree(folder)  # built under other settings: stale
@@ -103,6 +103,6 @@ class ReportFolder:
         t0 = time.perf_counter()
         result = build(folder)
         seconds = time.perf_counter() - t0
-        atomic_write_json(meta, {"key": key, "seconds": seconds, "result": result})
+        mark_done(folder, key, result, seconds=seconds, name=STAGE_FILE)
         log(f"[{name}] done in {seconds:.0f} s")
         return result

@@ -6,7 +6,8 @@ Stages (each cached in OUT/artifacts/<stage>/, see report/cache.py), in the orde
     lens         logit lens on sample prompts (+ a tuned lens when --tuned-lens-steps > 0), KL per layer
     heads        induction and previous-token scores of every head (one forward on repeated random tokens)
     ioi          IOI: activation patching of every head's output, the EAP-IG circuit and its faithfulness
-    harvest      residual activations at the chosen layer (ActivationStore; resumes)
+    harvest      residual activations at the chosen layer (ActivationStore; resumes); deleted once the SAE
+                 is trained (the bulk of the folder) unless --keep-activations
     sae          a TopK SAE trained on them (checkpointed; resumes) and its metrics (FVE, L0, CE recovered)
     features     per-feature statistics of the SAE and of the layer's MLP neurons (the baseline)
     explain      offline explanations, scored by detection on held-out text (balanced accuracy)
@@ -20,6 +21,7 @@ stage faster and lets --tokens and --latents grow (see the README).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,9 @@ import torch
 from mechscope.errors import InputError
 from mechscope.fileio import atomic_write_json
 from mechscope.models.loading import load_model
-from mechscope.report.cache import ReportFolder, stage_key
+from mechscope.options import option
+from mechscope.report.cache import ReportFolder
+from mechscope.steps import step_key
 
 LENS_PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
                 "The Eiffel Tower is located in the city of"]
@@ -42,27 +46,31 @@ STEER_MULTIPLES = (4.0, 8.0)  # steering strengths, in units of the feature's la
 class ReportConfig:
     """What `mechscope report` does; every field is a CLI option. None = chosen from the model."""
 
-    model: str = "smollm2"
-    out: str = "mechscope-report"
-    layer: int | None = None  # residual layer of the SAE (default n_layers // 4: token-level features, cheap)
-    tokens: int = 160_000  # activations harvested to train the SAE
-    latents: int = 4608  # SAE width
-    k: int = 32  # TopK
-    sae_batch: int = 1024
-    sae_epochs: float = 3.0  # passes over the harvested tokens
-    feature_tokens: int = 65_536  # tokens of the streaming feature pass (top contexts, histograms)
-    score_tokens: int = 32_768  # held-out tokens the explanations are scored on
-    context_len: int = 64
-    ioi_prompts: int = 6
-    circuit_edges: int = 800
-    circuit_method: str = "eap"  # "eap-ig" is closer to activation patching and ~5x slower
-    tuned_lens_steps: int = 0  # 0 = logit lens only (a tuned lens costs ~10 s/step on 2 CPU cores)
-    n_dashboards: int = 60
-    corpus: str = "sotu"
-    seed: int = 0
-    device: str | None = None
-    overwrite: bool = False
-    progress: bool = True
+    model: str = option("smollm2", help="folder, GGUF, built-in (smollm2) or cached hub id")
+    out: str = option("mechscope-report", help="report folder (index.html + artifacts/)")
+    layer: int | None = option(None, help="residual layer of the SAE (default n_layers // 4: token-level "
+                               "features, cheap)")
+    tokens: int = option(160_000, help="activations harvested to train the SAE")
+    latents: int = option(4608, help="SAE width")
+    k: int = option(32, help="active latents per token (TopK)")
+    sae_batch: int = option(1024, help="SAE training batch (tokens)")
+    sae_epochs: float = option(3.0, help="SAE training passes over the harvested tokens")
+    feature_tokens: int = option(65_536, help="tokens of the feature statistics pass (top contexts, histograms)")
+    score_tokens: int = option(32_768, help="held-out tokens to score explanations on")
+    context_len: int = option(64, help="tokens per context (harvest, features, lens)")
+    ioi_prompts: int = option(6, help="IOI prompts patched and attributed")
+    circuit_edges: int = option(800, help="edges kept in the IOI circuit")
+    circuit_method: str = option("eap", choices=("eap", "eap-ig"),
+                                 help="edge attribution (eap-ig is closer to activation patching and ~5x slower)")
+    tuned_lens_steps: int = option(0, help="train a tuned lens too (~10 s/step on CPU; 0 = logit lens only)")
+    n_dashboards: int = option(60, flag="--dashboards", help="feature dashboards to write")
+    corpus: str = option("sotu", help="built-in corpus (sotu, python-stdlib) or a path")
+    seed: int = option(0, help="corpus order, SAE init, prompts")
+    device: str | None = option(None, help="cpu, cuda, cuda:1, ... (default cpu)")
+    keep_activations: bool = option(False, help="keep the harvested activations (artifacts/harvest/store, the "
+                                    "bulk of the folder) after the SAE is trained; by default they are deleted")
+    overwrite: bool = option(False, help="replace a report of another model in --out")
+    progress: bool = option(True, help="no progress bars")
 
     def check(self) -> None:
         for name in ("tokens", "latents", "k", "sae_batch", "feature_tokens", "score_tokens", "context_len",
@@ -242,33 +250,48 @@ def build_report(cfg: ReportConfig) -> Path:
     rf = ReportFolder(out, ident, overwrite=cfg.overwrite)
     hook = f"blocks.{layer}.hook_resid_post"
     c = dataclasses.asdict(cfg)
-    base = (ident, cfg.seed, cfg.corpus)
-    results: dict[str, Any] = {"config": {k: v for k, v in c.items() if k not in ("overwrite", "progress")},
+    model_in = {"model": {k: v for k, v in ident.items() if k != "name"}}  # the model by content, not path
+    base = {"seed": cfg.seed, "corpus": cfg.corpus}
+    results: dict[str, Any] = {"config": {k: v for k, v in c.items()
+                                          if k not in ("overwrite", "progress", "keep_activations")},
                                "layer": layer, "hook": hook}
 
-    k_card = stage_key("model_card", base)
+    k_card = step_key({"stage": "model_card", **base}, model_in)
     results["model_card"] = rf.stage("model_card", k_card, lambda f: _model_card(model, cfg.model, load_s), log=_log)
-    k_lens = stage_key("lens", base, cfg.tuned_lens_steps, cfg.context_len)
+    k_lens = step_key({"stage": "lens", **base, "tuned_lens_steps": cfg.tuned_lens_steps,
+                       "context_len": cfg.context_len}, model_in)
     results["lens"] = rf.stage("lens", k_lens, lambda f: _lens(model, f, cfg), log=_log)
-    k_heads = stage_key("heads", base)
+    k_heads = step_key({"stage": "heads", **base}, model_in)
     results["heads"] = rf.stage("heads", k_heads, lambda f: _heads(model, f, cfg), log=_log)
-    k_ioi = stage_key("ioi", base, cfg.ioi_prompts, cfg.circuit_edges, cfg.circuit_method)
+    k_ioi = step_key({"stage": "ioi", **base, "ioi_prompts": cfg.ioi_prompts, "circuit_edges": cfg.circuit_edges,
+                      "circuit_method": cfg.circuit_method}, model_in)
     results["ioi"] = rf.stage("ioi", k_ioi, lambda f: _ioi(model, f, cfg), log=_log)
 
-    k_harv = stage_key("harvest", base, hook, cfg.tokens, cfg.context_len)
-    results["harvest"] = rf.stage("harvest", k_harv, lambda f: _harvest(model, f, cfg, hook), log=_log)
+    k_harv = step_key({"stage": "harvest", **base, "hook": hook, "tokens": cfg.tokens,
+                       "context_len": cfg.context_len}, model_in)
+    k_sae = step_key({"stage": "sae", "latents": cfg.latents, "k": cfg.k, "sae_batch": cfg.sae_batch,
+                      "sae_epochs": cfg.sae_epochs}, {"harvest": k_harv})
     store_dir = rf.artifacts / "harvest" / "store"
-    k_sae = stage_key("sae", k_harv, cfg.latents, cfg.k, cfg.sae_batch, cfg.sae_epochs)
+    # The store is only read by the SAE stage (training, evaluation); it is deleted once that stage is done
+    # unless --keep-activations. A cached harvest whose store is gone runs again only when something needs
+    # the activations: an SAE stage that must (re)train, or --keep-activations.
+    if (cfg.keep_activations or not rf.is_done("sae", k_sae)) and not (store_dir / "manifest.json").exists():
+        rf.forget("harvest")
+    results["harvest"] = rf.stage("harvest", k_harv, lambda f: _harvest(model, f, cfg, hook), log=_log)
     results["sae"] = rf.stage("sae", k_sae, lambda f: _sae(model, f, cfg, hook, store_dir), log=_log)
+    if not cfg.keep_activations and store_dir.exists():
+        shutil.rmtree(store_dir)
+        _log(f"[harvest] deleted the activations in {store_dir} (the SAE is trained; --keep-activations keeps them)")
     coder = io.load(rf.artifacts / "sae" / "sae", device=cfg.device)
 
     from mechscope.features.neurons import neuron_coder
 
     neurons = neuron_coder(model, layer, k=cfg.k)
     coders = {"sae": coder, "neurons": neurons}
-    k_feat = stage_key("features", k_sae, cfg.feature_tokens, cfg.score_tokens, cfg.n_dashboards, cfg.context_len)
+    k_feat = step_key({"stage": "features", "feature_tokens": cfg.feature_tokens, "score_tokens": cfg.score_tokens,
+                       "n_dashboards": cfg.n_dashboards, "context_len": cfg.context_len}, {"sae": k_sae})
     results["features"] = rf.stage("features", k_feat, lambda f: _features(model, f, cfg, coders), log=_log)
-    k_steer = stage_key("steering", k_feat)
+    k_steer = step_key({"stage": "steering"}, {"features": k_feat})
     results["steering"] = rf.stage(
         "steering", k_steer, lambda f: _steering(model, coder, hook, results["features"]["sae"],
                                        rf.artifacts / "features" / "sae" / "stats", cfg), log=_log)

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mechscope.config_io import from_dict
 from mechscope.errors import InputError
 
 Arch = Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
@@ -86,8 +87,5 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise InputError(f"Unknown SAEConfig fields {sorted(unknown)}; known: {sorted(names)}.")
-        return cls(**d)
+        """Refuses unknown keys (InputError naming them); see mechscope.config_io.from_dict."""
+        return from_dict(cls, d)

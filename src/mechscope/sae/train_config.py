@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mechscope.config_io import from_dict
 from mechscope.errors import InputError
 from mechscope.sae.config import ARCHS, TOPK_FAMILY
 from mechscope.training import DECAYS, scheduled_lr
@@ -124,10 +125,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) - names:
-            raise InputError(f"Unknown TrainConfig fields {sorted(set(d) - names)}; known: {sorted(names)}.")
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -89,11 +89,11 @@ def figure_img(fig: Any, alt: str, *, width: int | None = None, cls: str = "fig"
     elif hasattr(fig, "savefig") and hasattr(fig, "canvas"):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-        from mechscope.viz.plots import _render
+        from mechscope.viz.plots import render_png
 
         if not isinstance(fig.canvas, FigureCanvasAgg):
             FigureCanvasAgg(fig)
-        png = _render(fig)
+        png = render_png(fig)
     else:
         raise InputError(f"figure_img takes PNG bytes, a Plot or a matplotlib Figure, got {type(fig).__name__}.")
     w = f' width="{int(width)}"' if width else ""

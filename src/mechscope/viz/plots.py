@@ -38,7 +38,8 @@ from mechscope.errors import EmptyCircuitError, InputError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
 
 DPI = 100
-_STYLE = ["default", {"font.family": "DejaVu Sans", "font.size": 9, "text.parse_math": False,
+# the fixed matplotlib style of every mechscope figure (user rcParams cannot change the output)
+PLOT_STYLE = ["default", {"font.family": "DejaVu Sans", "font.size": 9, "text.parse_math": False,
                       "text.usetex": False, "svg.hashsalt": "mechscope", "figure.dpi": DPI}]
 _PALETTE_ABOVE = 200_000  # bytes: larger RGB PNGs are re-encoded with a palette
 _POS, _NEG = "#c0392b", "#2471a3"  # red = positive, blue = negative, as in the RdBu_r maps
@@ -79,8 +80,8 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _render(fig: Figure) -> bytes:
-    """PNG bytes: RGB (a white figure needs no alpha); busy drawings (hundreds of translucent edges, big
+def render_png(fig: Figure) -> bytes:
+    """A drawn matplotlib Figure (with an Agg canvas) -> PNG bytes: RGB (a white figure needs no alpha); busy drawings (hundreds of translucent edges, big
     tables) are reduced to a 256-colour palette so an inlined image stays small (< ~300 KB)."""
     with warnings.catch_warnings():  # tokens in scripts DejaVu lacks (CJK ...) render as boxes, not warnings
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")
@@ -96,9 +97,9 @@ def _render(fig: Figure) -> bytes:
 
 def _plot(build, *args: Any) -> bytes:
     """Build and render a figure under the fixed style (so user rcParams cannot change the output)."""
-    with matplotlib.style.context(_STYLE):
+    with matplotlib.style.context(PLOT_STYLE):
         fig = build(*args)
-        return _render(fig)
+        return render_png(fig)
 
 
 def _array(x: Any, what: str, ndims: tuple[int, ...]) -> np.ndarray:
@@ -633,5 +634,5 @@ def dla_bars(dla: Any, top: int = 20, *, prompt: int | None = None, title: str =
     return Plot(_plot(build), data, title)
 
 
-__all__ = ["DPI", "Plot", "circuit_graph", "dla_bars", "head_grid", "lens_kl_curve", "lens_table",
-           "lens_table_from_result", "patching_heatmap"]
+__all__ = ["DPI", "PLOT_STYLE", "Plot", "circuit_graph", "dla_bars", "head_grid", "lens_kl_curve", "lens_table",
+           "lens_table_from_result", "patching_heatmap", "render_png"]

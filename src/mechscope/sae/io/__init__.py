@@ -17,7 +17,7 @@ from pathlib import Path
 from mechscope.errors import InputError
 from mechscope.sae.coder import SparseCoder
 from mechscope.sae.io import dictionary_learning, gemmascope, native, saelens, sparsify
-from mechscope.sae.io._common import build
+from mechscope.sae.io.common import build
 from mechscope.sae.io.detect import MultipleCodersError, coder_subfolders, detect_format, locate
 
 __all__ = ["FORMATS", "MultipleCodersError", "detect_format", "load", "load_all", "save"]

@@ -22,9 +22,10 @@ import torch
 
 from mechscope.errors import CorruptFileError, InputError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
+from mechscope.models.hooks import split_hook_name
 from mechscope.sae.coder import SparseCoder
 from mechscope.sae.config import SAEConfig
-from mechscope.sae.io._common import (
+from mechscope.sae.io.common import (
     STASH_KEY,
     cannot,
     expect_keys,
@@ -180,8 +181,9 @@ def write(coder: SparseCoder, folder: Path) -> Path:
                "dict_size": cfg.n_latents, "lm_name": cfg.model_name}
     if cfg.k is not None:
         trainer["k"] = cfg.k
-    if m := re.fullmatch(r"blocks\.(\d+)\.hook_(resid_post|resid_pre|mlp_out|attn_out)", cfg.hook_in or ""):
-        trainer.update(layer=int(m.group(1)), submodule_name=f"{m.group(2)}_layer_{m.group(1)}")
+    layer, rest = split_hook_name(cfg.hook_in or "")
+    if layer is not None and rest in ("hook_resid_post", "hook_resid_pre", "hook_mlp_out", "hook_attn_out"):
+        trainer.update(layer=layer, submodule_name=f"{rest.removeprefix('hook_')}_layer_{layer}")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / WEIGHTS, torch_state_bytes(t))
     atomic_write_json(folder / CONFIG, {**prev, "trainer": trainer, STASH_KEY: stash(cfg)})

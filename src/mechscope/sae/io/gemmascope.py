@@ -20,9 +20,10 @@ import torch
 
 from mechscope.errors import CorruptFileError, InputError, UnsupportedArchitectureError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
+from mechscope.models.hooks import split_hook_name
 from mechscope.sae.coder import SparseCoder
 from mechscope.sae.config import SAEConfig
-from mechscope.sae.io._common import (
+from mechscope.sae.io.common import (
     STASH_KEY,
     cannot,
     expect_keys,
@@ -95,8 +96,8 @@ def _from_hf(name: str | None) -> str | None:
 def _to_hf(hook: str | None) -> str | None:
     kinds = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "attn.hook_z": "z",
              "ln2.hook_normalized": "mlp_in"}
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook or "")
-    return _HF[kinds[m.group(2)]].replace("{L}", m.group(1)) if m and m.group(2) in kinds else None
+    layer, rest = split_hook_name(hook or "")
+    return _HF[kinds[rest]].replace("{L}", str(layer)) if layer is not None and rest in kinds else None
 
 
 def _config(where: Path, d_in: int, n: int, d_out: int, skip: bool, hook_in, hook_out, model_name, extra,

@@ -12,7 +12,7 @@ from mechscope.errors import CorruptFileError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
 from mechscope.sae.coder import SparseCoder
 from mechscope.sae.config import SAEConfig
-from mechscope.sae.io._common import prepare, read_json, read_safetensors, safetensors_bytes
+from mechscope.sae.io.common import prepare, read_json, read_safetensors, safetensors_bytes
 
 FORMAT = "mechscope.sae"
 FORMAT_VERSION = 1

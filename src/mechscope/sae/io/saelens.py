@@ -21,7 +21,7 @@ from mechscope.errors import CorruptFileError, InputError, UnsupportedArchitectu
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
 from mechscope.sae.coder import SparseCoder
 from mechscope.sae.config import SAEConfig
-from mechscope.sae.io._common import (
+from mechscope.sae.io.common import (
     STASH_KEY,
     cannot,
     expect_keys,
