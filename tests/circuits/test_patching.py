@@ -101,10 +101,10 @@ def _check(model, hook, granularity, metric, direction="denoise", **kw):
                                 batch_size=2, **kw)
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=names[0])
-    from mechscope.circuits.patching import _axes
+    from mechscope.circuits.patching import patch_axes
 
     act = cache[names[0]]
-    dims = _axes(names[0], act.dim(), granularity)
+    dims = patch_axes(names[0], act.dim(), granularity)
     positions = kw.get("positions")
     sizes = [len(positions) if (positions is not None and d == dims[-1] and granularity.endswith("position"))
              else act.shape[d] for d in dims]

@@ -42,7 +42,9 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from mechscope.circuits.graph import Graph, GraphShape
-from mechscope.circuits.patching import _axes, _tokenize_pair, check_metric_value, resolve_hook
+from mechscope.circuits.metrics import check_metric_value
+from mechscope.circuits.patching import patch_axes, resolve_hook
+from mechscope.circuits.prompts import tokenize_pair
 from mechscope.errors import (
     EmptyCircuitError,
     InputError,
@@ -73,7 +75,7 @@ def _check_model(model: Any) -> None:
 def _pair(model: Any, clean: Prompts, corrupted: Prompts, attention_mask: Any, prepend_bos: bool | None = None):
     """Tokenize like activation_patching (text is left-padded) and require the same padding in both runs:
     edges are compared position by position. Returns (clean [B, T], corrupted [B, T], mask [B, T] or None)."""
-    ct, xt, cm, xm = _tokenize_pair(model, clean, corrupted, attention_mask, prepend_bos)
+    ct, xt, cm, xm = tokenize_pair(model, clean, corrupted, attention_mask, prepend_bos)
     ct, cm = model.prepare(ct, cm, None, "left")
     xt, xm = model.prepare(xt, xm, None, "left")
     if (cm is None) != (xm is None) or (cm is not None and not torch.equal(cm, xm)):
@@ -322,7 +324,7 @@ def attribution_patching(
         src_logits, cache = model.run_with_cache(src, attention_mask=mask, names_filter=names)
         src_acts = [cache[n] for n in names]
         m_src = _metric_value(metric, src_logits).detach().float()
-    axes = _axes(names[0], src_acts[0].dim(), granularity)
+    axes = patch_axes(names[0], src_acts[0].dim(), granularity)
     acts: dict[str, torch.Tensor] = {}
 
     def leaf(x, hook_point):  # grads flow even through a frozen model, and no parameter .grad is touched

@@ -17,20 +17,23 @@ Three facts make the batch cheaper than n full passes, with the same results up 
     and corrupted differ) is the unpatched run: it is not run at all (skip_unchanged).
 The logits are computed only at the positions the metric reads (when it declares them, see BatchedMetric).
 
-Metrics: any callable `metric(logits [B, T, V]) -> scalar | [B]` works. The built-in metrics
-(LogitDiff, TokenProb, KLDivergence) also declare the positions they read (`logit_positions`) and a
-batched form, so the sweep unembeds only those positions and scores all patches of a batch at once.
+Metrics (circuits/metrics.py, re-exported here): any callable `metric(logits [B, T, V]) -> scalar | [B]`
+works. The built-in metrics (LogitDiff, TokenProb, KLDivergence) also declare the positions they read
+(`logit_positions`) and a batched form, so the sweep unembeds only those positions and scores all patches of a
+batch at once. Prompt pairs: circuits/prompts.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import torch
 
-from mechscope.errors import HookNameError, InputError, MetricError, PromptMismatchError, unknown_name_message
+from mechscope.circuits.metrics import BatchedMetric, KLDivergence, LogitDiff, TokenProb, check_metric_value
+from mechscope.circuits.prompts import Prompts, align_prompts, tokenize_pair
+from mechscope.errors import HookNameError, InputError, MetricError, unknown_name_message
 from mechscope.models.cache import act_name
 from mechscope.models.components import KVPrefix, KVRecorder
 from mechscope.models.hooks import layer_of
@@ -39,210 +42,10 @@ from mechscope.models.transformer import HookedTransformer
 
 Granularity = Literal["layer", "position", "head", "head_position", "neuron"]
 Direction = Literal["denoise", "noise"]
-Prompts = str | Sequence[str] | torch.Tensor
 GRANULARITIES = ("layer", "position", "head", "head_position", "neuron")
 _EMBED_HOOKS = ("hook_embed", "hook_pos_embed", "hook_token_type_embed")
 _PER_HEAD = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result")
 _PATTERN_LIKE = ("hook_pattern", "hook_attn_scores")
-
-
-# ============================================================================ metrics
-
-
-@runtime_checkable
-class BatchedMetric(Protocol):
-    """Optional fast path of a metric. `logit_positions`: the positions it reads (negative = from the end);
-    `batched(logits [P, B, n, V]) -> [P] | [P, B]` where logits[:, :, i] holds position logit_positions[i]."""
-
-    logit_positions: tuple[int, ...]
-
-    def batched(self, logits: torch.Tensor) -> torch.Tensor: ...
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor: ...
-
-
-def _ids(x: int | Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
-    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or t.dim() > 1:
-        raise InputError(f"{what} must be a token id or a 1-D tensor/list of ids (one per prompt), got {t.dtype} "
-                         f"{tuple(t.shape)}; get ids with model.to_single_token(' Mary').")
-    return t.long()
-
-
-class _PositionMetric:
-    """A metric read at one position per prompt (int, or LongTensor [B] of per-prompt positions)."""
-
-    def __init__(self, pos: int | Sequence[int] | torch.Tensor = -1, per_prompt: bool = False) -> None:
-        p = torch.as_tensor(pos)
-        if p.dim() > 1 or p.dtype.is_floating_point:
-            raise InputError(f"pos must be an int or one int per prompt, got {tuple(p.shape)} {p.dtype}.")
-        self.pos = p.long()
-        self.per_prompt = per_prompt
-        # positions read, in the order batched() expects them; per-prompt positions index into this tuple
-        self.logit_positions: tuple[int, ...] = tuple(sorted(set(self.pos.reshape(-1).tolist())))
-        self._slot = torch.as_tensor([self.logit_positions.index(v) for v in self.pos.reshape(-1).tolist()])
-
-    def _rows(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [..., B, V] at each prompt's position -> [..., B]."""
-        raise NotImplementedError
-
-    def _reduce(self, v: torch.Tensor) -> torch.Tensor:  # [..., B] -> [..., B] or [...]
-        return v if self.per_prompt else v.mean(-1)
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # [B, T, V] -> scalar or [B]
-        if self.pos.dim() == 0:
-            at = logits[:, int(self.pos)]
-        else:
-            at = logits[torch.arange(logits.shape[0], device=logits.device), self.pos.to(logits.device)]
-        return self._reduce(self._rows(at.float()))
-
-    def batched(self, logits: torch.Tensor) -> torch.Tensor:  # [P, B, n, V] -> [P] or [P, B]
-        if len(self.logit_positions) == 1:
-            at = logits[:, :, 0]
-        else:
-            B = logits.shape[1]
-            at = logits[:, torch.arange(B, device=logits.device), self._slot.to(logits.device).expand(B)]
-        return self._reduce(self._rows(at.float()))
-
-    def _per_row(self, t: torch.Tensor, B: int) -> torch.Tensor:
-        if t.dim() == 1 and t.shape[0] not in (1, B):
-            raise MetricError(f"{type(self).__name__} has {t.shape[0]} token ids but the batch has {B} prompts.")
-        return t
-
-
-class LogitDiff(_PositionMetric):
-    """logit[correct] - logit[wrong] at `pos` (IOI's metric), mean over prompts (or per prompt)."""
-
-    def __init__(self, correct: int | Sequence[int] | torch.Tensor, wrong: int | Sequence[int] | torch.Tensor,
-                 pos: int | Sequence[int] | torch.Tensor = -1, per_prompt: bool = False) -> None:
-        super().__init__(pos, per_prompt)
-        self.correct, self.wrong = _ids(correct, "correct"), _ids(wrong, "wrong")
-
-    def _rows(self, at: torch.Tensor) -> torch.Tensor:  # [..., B, V] -> [..., B]
-        B = at.shape[-2]
-        c = self._per_row(self.correct, B).to(at.device).expand(B)
-        w = self._per_row(self.wrong, B).to(at.device).expand(B)
-        idx = torch.arange(B, device=at.device)
-        return at[..., idx, c] - at[..., idx, w]
-
-
-class TokenProb(_PositionMetric):
-    """Probability (or log-probability with log=True) of `tokens` at `pos`, mean over prompts."""
-
-    def __init__(self, tokens: int | Sequence[int] | torch.Tensor, pos: int | Sequence[int] | torch.Tensor = -1,
-                 log: bool = False, per_prompt: bool = False) -> None:
-        super().__init__(pos, per_prompt)
-        self.tokens, self.log = _ids(tokens, "tokens"), log
-
-    def _rows(self, at: torch.Tensor) -> torch.Tensor:
-        B = at.shape[-2]
-        t = self._per_row(self.tokens, B).to(at.device).expand(B)
-        lp = torch.log_softmax(at, dim=-1)[..., torch.arange(B, device=at.device), t]
-        return lp if self.log else lp.exp()
-
-
-class KLDivergence(_PositionMetric):
-    """KL(reference || patched) of the next-token distributions at `pos`, mean over prompts.
-
-    reference: logits [B, T, V] (read at pos) or [B, V], typically the clean run's logits."""
-
-    def __init__(self, reference: torch.Tensor, pos: int | Sequence[int] | torch.Tensor = -1,
-                 per_prompt: bool = False) -> None:
-        super().__init__(pos, per_prompt)
-        if reference.dim() == 3:
-            ref = _PositionMetric(pos)
-            reference = (reference[:, int(ref.pos)] if ref.pos.dim() == 0 else
-                         reference[torch.arange(reference.shape[0]), ref.pos.to(reference.device)])
-        if reference.dim() != 2:
-            raise InputError(f"KLDivergence reference must be logits [B, T, V] or [B, V], got {tuple(reference.shape)}.")
-        self.ref_logp = torch.log_softmax(reference.detach().float(), dim=-1)  # [B, V]
-
-    def _rows(self, at: torch.Tensor) -> torch.Tensor:
-        ref = self.ref_logp.to(at.device)
-        if ref.shape[0] != at.shape[-2]:
-            raise MetricError(f"KLDivergence reference has {ref.shape[0]} prompts but the batch has {at.shape[-2]}.")
-        return (ref.exp() * (ref - torch.log_softmax(at, dim=-1))).sum(-1)
-
-
-def check_metric_value(v: Any, B: int, what: str, *, detach: bool = True) -> torch.Tensor:
-    """A metric's result checked: a finite scalar (0-d) or one value per prompt [B]; float32 and detached
-    unless detach=False (attribution backpropagates through it, so a Python number is refused there)."""
-    if isinstance(v, (int, float)) and detach:
-        v = torch.tensor(float(v))
-    if not isinstance(v, torch.Tensor):
-        raise MetricError(f"The metric returned {type(v).__name__} on the {what}; it must return a scalar tensor "
-                          f"(or one value per prompt, shape [{B}]).")
-    if v.numel() == 1 and v.dim() <= 1:
-        v = v.reshape(())
-    elif tuple(v.shape) != (B,):
-        raise MetricError(f"The metric returned shape {tuple(v.shape)} on the {what}; it must return a scalar "
-                          f"(e.g. .mean() over prompts) or one value per prompt, shape [{B}].")
-    if not bool(torch.isfinite(v).all()):
-        raise MetricError(f"The metric returned a non-finite value ({v.detach().tolist()}) on the {what}.")
-    return v.detach().float() if detach else v
-
-
-# ============================================================================ prompts
-
-
-def align_prompts(model: HookedTransformer, clean: Sequence[str], corrupted: Sequence[str],
-                  prepend_bos: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokenize clean/corrupted pairs of different token lengths so their ENDS line up: every prompt is
-    left-padded to the longest one. Returns (clean_tokens, corrupted_tokens, clean_mask, corrupted_mask),
-    each [B, T]; pass the masks as `attention_mask=(clean_mask, corrupted_mask)`.
-
-    Why left: the metric is usually read at the last token and the answer-relevant tokens sit near the
-    end. Positions are then "from the end": patching position t of a row whose clean prompt has padding
-    at t writes a padding activation into the corrupted run, so read results at padded positions with care."""
-    if isinstance(clean, str) or isinstance(corrupted, str) or len(clean) != len(corrupted):
-        raise PromptMismatchError("align_prompts takes two lists of prompts of the same length (one pair per row).")
-    toks, mask = model.to_tokens(list(clean) + list(corrupted), prepend_bos=prepend_bos, padding_side="left",
-                                 return_mask=True)
-    B = len(clean)
-    return toks[:B], toks[B:], mask[:B], mask[B:]
-
-
-def _tokenize_pair(model: HookedTransformer, clean: Prompts, corrupted: Prompts, attention_mask: Any,
-                   prepend_bos: bool | None):
-    """-> clean tokens, corrupted tokens [B, T], clean mask, corrupted mask ([B, T] or None)."""
-    texts = [isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], str))
-             for x in (clean, corrupted)]
-    if any(texts) and not all(texts):
-        raise InputError("Pass clean and corrupted both as text or both as token ids.")
-    if all(texts):
-        c = [clean] if isinstance(clean, str) else list(clean)
-        k = [corrupted] if isinstance(corrupted, str) else list(corrupted)
-        if len(c) != len(k):
-            raise PromptMismatchError(f"{len(c)} clean prompts but {len(k)} corrupted ones: give one corrupted "
-                                      "prompt per clean prompt.")
-        if attention_mask is not None:
-            raise InputError("attention_mask is only for token-id inputs; text is padded (left) automatically.")
-        toks, mask = model.to_tokens(c + k, prepend_bos=prepend_bos, padding_side="left", return_mask=True)
-        B = len(c)
-        lc, lk = mask[:B].sum(-1).tolist(), mask[B:].sum(-1).tolist()
-        bad = [i for i in range(B) if lc[i] != lk[i]]
-        if bad:
-            i = bad[0]
-            raise PromptMismatchError(
-                f"Clean and corrupted prompts must have the same number of tokens (patching compares them position "
-                f"by position); pair {i} has {lc[i]} vs {lk[i]} tokens: {model.to_str_tokens(c[i], prepend_bos)} vs "
-                f"{model.to_str_tokens(k[i], prepend_bos)} ({len(bad)} of {B} pairs differ). Choose corrupted words "
-                "with the same token count (e.g. other single-token names), or align the ends with "
-                "mechscope.circuits.patching.align_prompts(model, clean, corrupted) and pass its masks as "
-                "attention_mask=(clean_mask, corrupted_mask).")
-        return toks[:B], toks[B:], mask[:B], mask[B:]
-    if not isinstance(clean, torch.Tensor) or not isinstance(corrupted, torch.Tensor):
-        raise InputError("clean and corrupted must be text, lists of text or token ids [batch, pos].")
-    c = clean[None] if clean.dim() == 1 else clean
-    k = corrupted[None] if corrupted.dim() == 1 else corrupted
-    if c.shape != k.shape:
-        raise PromptMismatchError(
-            f"clean tokens {tuple(c.shape)} and corrupted tokens {tuple(k.shape)} differ in shape; patching needs "
-            "one corrupted prompt per clean prompt with the same number of tokens. For text pairs of different "
-            "lengths use mechscope.circuits.patching.align_prompts and pass attention_mask=(clean_mask, "
-            "corrupted_mask).")
-    mc, mk = attention_mask if isinstance(attention_mask, (tuple, list)) else (attention_mask, attention_mask)
-    return c, k, mc, mk
 
 
 # ============================================================================ hook resolution
@@ -307,8 +110,8 @@ def resolve_hook(model: HookedTransformer, hook: str, layers: Sequence[int] | No
     return names, True
 
 
-def _axes(name: str, ndim: int, granularity: str) -> list[int]:
-    """Activation dims indexed by a patch, in output order. Layouts: [B, T, D] (resid, mlp, embed),
+def patch_axes(name: str, ndim: int, granularity: str) -> list[int]:
+    """Activation dims indexed by a patch of `granularity`, in output order. Layouts: [B, T, D] (resid, mlp, embed),
     [B, T, H, E] (q/k/v/z/result), [B, H, Tq, Tk] (pattern, attn_scores)."""
     short = name.rsplit(".", 1)[-1]
     if short in _PATTERN_LIKE:
@@ -519,7 +322,7 @@ def activation_patching(
         raise InputError(f"{model.cfg.architecture} has no unembedding: patching metrics read logits.")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size (patches per forward pass) must be a positive int, got {batch_size!r}.")
-    c_tok, k_tok, c_mask, k_mask = _tokenize_pair(model, clean, corrupted, attention_mask, prepend_bos)
+    c_tok, k_tok, c_mask, k_mask = tokenize_pair(model, clean, corrupted, attention_mask, prepend_bos)
     c_tok, c_mask = model.prepare(c_tok, c_mask, None, "right")
     k_tok, k_mask = model.prepare(k_tok, k_mask, None, "right")
     src_tok, src_mask, base_tok, base_mask = ((c_tok, c_mask, k_tok, k_mask) if direction == "denoise"
@@ -527,7 +330,7 @@ def activation_patching(
     B, T = base_tok.shape
     names, swept = resolve_hook(model, hook, layers)
     name_layer = torch.tensor([_layer_of(model, n) for n in names])  # validates: no patching of the logits
-    axes = _axes(names[0], 4 if names[0].rsplit(".", 1)[-1] in _PER_HEAD + _PATTERN_LIKE else 3, granularity)
+    axes = patch_axes(names[0], 4 if names[0].rsplit(".", 1)[-1] in _PER_HEAD + _PATTERN_LIKE else 3, granularity)
     pd = _pos_dim(names[0])
     pos_vals = torch.arange(T)
     if positions is not None:
@@ -691,3 +494,8 @@ def patch_block_components(model: HookedTransformer, clean: Prompts, corrupted: 
     """resid_pre, attn_out and mlp_out (mlp_out absent for attention-only models), [L, pos] each."""
     parts = ["resid_pre", "attn_out"] + ([] if model.cfg.attn_only else ["mlp_out"])
     return {p: activation_patching(model, clean, corrupted, metric, p, granularity, **kwargs) for p in parts}
+
+
+__all__ = ["GRANULARITIES", "KLDivergence", "LogitDiff", "TokenProb", "activation_patching", "align_prompts",
+           "check_metric_value", "patch_attn_out", "patch_axes", "patch_block_components", "patch_head_components",
+           "patch_head_out", "patch_mlp_out", "patch_resid", "resolve_hook"]

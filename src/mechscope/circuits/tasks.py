@@ -103,7 +103,7 @@ class LogitDiffTask(Task):
 
     @property
     def metric(self):  # type: ignore[override]  # a callable object instead of a method: same calls
-        from mechscope.circuits.patching import LogitDiff
+        from mechscope.circuits.metrics import LogitDiff
 
         return _CheckedLogitDiff(self, LogitDiff(self.answers, self.wrong_answers, self.answer_pos))
 
