@@ -220,9 +220,10 @@ def test_detectors_find_the_induction_circuit(induction_model):
     # it copies what it attends to (negative copy-suppression score)
     assert found["copy_suppression"][layer, head] < 0
     # The zoo's own scorer finds the same induction heads. Not the same argmax: all four layer-1 heads
-    # become induction heads, within 0.012 of each other (0.917-0.926 on AMD Zen 1, 0.916-0.926 on
-    # Zen 4), and which is highest depends on the CPU's float rounding during training. Every head is
-    # far from 0.5 (measured < 0.02 or > 0.88), so the sets are the same on any machine.
+    # become induction heads, within 0.012 of each other (e.g. 0.917-0.926 on AMD Zen 1, 0.916-0.926 on
+    # Zen 4, 0.887-0.899 on Zen 1 with ATen's generic kernels), and which is highest depends on the CPU's
+    # float rounding during training. Every head is far from 0.5 (measured < 0.02 or > 0.88), so the sets
+    # are the same on any machine.
     zoo_scores = zoo.induction_score(induction_model)  # [n_layers, n_heads]
     assert torch.equal(found["induction"] > 0.5, zoo_scores > 0.5), (found["induction"], zoo_scores)
     assert zoo_scores[layer, head] > zoo_scores.max() - 0.03  # the detector's best is one of the tied best
