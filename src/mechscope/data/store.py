@@ -96,9 +96,7 @@ class ActivationStore:
 
     def stats(self, hook: str) -> dict[str, Any]:
         """Summary scalars (mean_norm, norm_scale, total_variance, ...) plus "mean" and "var" [*shape]."""
-        from safetensors import safe_open
-
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
 
         self._check_hook(hook)
         out: dict[str, Any] = dict(self.manifest["stats"].get(hook, {}))
