@@ -103,11 +103,14 @@ def clean_sae(model_folder, store, tmp_path_factory):
     return root
 
 
+SLOW = pytest.mark.slow  # two train-sae processes each (~10 s idle, 30 s on a busy 2-core machine)
+
+
 @pytest.mark.parametrize("kill_at", [
-    "step:7",  # before the first checkpoint (step 20): the rerun starts over
-    "write:step-00000040.safetensors",  # while writing the second checkpoint
     "step:47",  # mid-run, after the checkpoint at step 40
-    "write:sae.safetensors",  # trained, while saving the coder
+    pytest.param("step:7", marks=SLOW),  # before the first checkpoint (step 20): the rerun starts over
+    pytest.param("write:step-00000040.safetensors", marks=SLOW),  # while writing the second checkpoint
+    pytest.param("write:sae.safetensors", marks=SLOW),  # trained, while saving the coder
 ])
 def test_killed_train_sae_reruns_to_the_same_bytes(model_folder, store, clean_sae, tmp_path, kill_at):
     out, ckpt = tmp_path / "sae", tmp_path / "ckpt"
