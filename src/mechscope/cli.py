@@ -182,7 +182,8 @@ def train_sae_command(args) -> dict:
                   l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff,
                   autocast_bf16={"on": True, "off": False}.get(args.bf16, "auto"),
                   resample_every=args.resample_every,
-                  checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress, device=args.device)
+                  checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                  checkpoint_seconds=_checkpoint_seconds(args), progress=not args.no_progress, device=args.device)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():  # under torchrun: rank 0 saves and evaluates
@@ -193,6 +194,15 @@ def train_sae_command(args) -> dict:
     out = io.save(coder, args.out, format=args.format)
     print(f"saved      {out} ({args.format})")
     return _print_eval(coder, model, source, args.eval_tokens, args.eval_contexts, store)
+
+
+def _checkpoint_seconds(args) -> float | None:
+    """--checkpoint-seconds, off (None) when 0 or under torchrun (ranks must agree on when to save)."""
+    import os
+
+    if args.checkpoint_seconds <= 0 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    return args.checkpoint_seconds
 
 
 def eval_sae_command(args) -> dict:
@@ -280,6 +290,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resample-every", type=int, default=0,
                    help="re-initialise dead latents from high-error inputs every N steps (0: AuxK only)")
     t.add_argument("--checkpoint-dir", default=None, help="checkpoints here; an existing one is resumed")
+    t.add_argument("--checkpoint-every", type=int, default=1000, help="with --checkpoint-dir: checkpoint every N steps")
+    t.add_argument("--checkpoint-seconds", type=float, default=300.0,
+                   help="with --checkpoint-dir: also checkpoint when this many seconds passed since the last one "
+                        "(default 300; 0: by steps only; ignored under torchrun)")
     t.add_argument("--eval-tokens", type=int, default=50_000)
     t.add_argument("--eval-contexts", type=int, default=32)
     t.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
