@@ -87,12 +87,19 @@ class Weights:
 
 
 def place(t: torch.Tensor, *, dtype: torch.dtype, device: torch.device, adopt: bool) -> torch.Tensor:
-    """`t` as a parameter in its final dtype/device: `t` itself where `adopt` and it already is one
-    (a dense layout: contiguous, or a transposed 2-d matrix such as GPT-2's Conv1D weights, which
-    F.linear uses without a copy), else exactly one contiguous copy."""
-    dense = t.is_contiguous() or (t.ndim == 2 and t.T.is_contiguous())
-    if adopt and dense and t.dtype == dtype and t.device == device:
+    """`t` as a parameter in its final dtype/device: `t` itself where `adopt` and it already is one, else
+    exactly one copy.
+
+    A dense layout fits: contiguous, or a transposed 2-d matrix such as GPT-2's Conv1D weights, which
+    F.linear uses without a copy (as transformers' Conv1D does). A copy keeps that layout, so the
+    parameters, and hence the logits bit for bit, are the same whether a tensor was adopted or copied
+    (from a folder or from an in-memory model, in the file's dtype or another).
+    """
+    transposed = t.ndim == 2 and not t.is_contiguous() and t.T.is_contiguous()
+    if adopt and (t.is_contiguous() or transposed) and t.dtype == dtype and t.device == device:
         return t
+    if transposed:
+        return torch.empty(t.T.shape, dtype=dtype, device=device).copy_(t.T).T
     return torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
 
 
