@@ -1,6 +1,6 @@
 """mechscope: open up transformer language models and explain how they produce what they produce."""
 
-from mechscope import interventions
+from mechscope import interventions, probes
 from mechscope.data.harvest import HarvestConfig
 from mechscope.data.store import ActivationStore
 from mechscope.errors import (
@@ -59,4 +59,5 @@ __all__ = [
     "UnsupportedArchitectureError",
     "UnsupportedQuantizationError",
     "interventions",
+    "probes",
 ]
