@@ -5,7 +5,7 @@
     p.cv_auroc                   # held-out (k-fold cross-validated) AUROC of this recipe on the data
     p.save("probe/"); load("probe/", model=model)
 
-A saved probe is a folder: probe.safetensors (mean, std, weight [d] float32 and bias) and probe.json (hook,
+A saved probe is a folder: probe.safetensors (mean, std, weight [d] and bias, float64) and probe.json (hook,
 position, method, C, metrics and the model's identity, see models/identity.py). Loading or scoring with
 another model, or asking for another hook, raises ArtifactMismatchError: a direction in one model's
 residual stream means nothing in another's.
@@ -119,8 +119,9 @@ class Probe:
         except OSError as e:
             raise OutputNotWritableError(f"Cannot create the probe folder {folder}: {e}.") from e
         f = self.fit
-        tensors = {"mean": f.mean.float().contiguous(), "std": f.std.float().contiguous(),
-                   "weight": f.weight.float().contiguous(), "bias": torch.tensor([f.bias], dtype=torch.float64)}
+        # float64, as fitted: a loaded probe scores bit for bit like the saved one
+        tensors = {"mean": f.mean.double().contiguous(), "std": f.std.double().contiguous(),
+                   "weight": f.weight.double().contiguous(), "bias": torch.tensor([f.bias], dtype=torch.float64)}
         meta = {"format": FORMAT, "version": VERSION, "hook": self.hook, "position": self.position,
                 "method": self.method, "C": f.C, "model": self.model, "cv_auroc": self.cv_auroc,
                 "cv_accuracy": self.cv_accuracy, "n_train": self.n_train, "d": int(f.weight.shape[0]),
