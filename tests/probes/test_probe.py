@@ -202,3 +202,17 @@ def test_smollm2_cities_probe_reads_truth_in_middle_layers():
                        groups=train.groups, C=0.01, cross_validated=False)
         aucs[layer] = probes.auroc(p.score(m, test.texts), test.labels)
     assert aucs[12] > 0.8 and aucs[0] < 0.7, aucs
+
+
+def test_probe_command_defaults_match_the_api():
+    """`mechscope probe` forwards to probes.sweep / probes.fit: its hand-written defaults must be the API's."""
+    import inspect
+
+    from mechscope.cli import _parser
+
+    sub = next(a for a in _parser()._actions if a.dest == "command").choices["probe"]
+    args = sub.parse_args(["--dataset", "cities", "--out", "x"])
+    for fn in (probes.sweep, probes.fit):
+        sig = inspect.signature(fn).parameters
+        for dest in ("position", "method", "C", "folds", "seed", "batch_size"):
+            assert getattr(args, dest) == sig[dest].default, (fn.__name__, dest)
