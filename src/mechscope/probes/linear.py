@@ -133,6 +133,8 @@ def _newton(P: torch.Tensor, y: torch.Tensor, C: float, theta: torch.Tensor | No
             if f_new <= f - 1e-4 * t * float(g @ step) or t < 1e-8:
                 break
             t *= 0.5
+        if f_new > f:  # no descent left at machine precision: theta is the optimum
+            break
         theta, decrease, f = new, f - f_new, f_new
         if float((t * step).abs().max()) < tol or decrease <= 1e-14 * max(1.0, abs(f)):
             break
