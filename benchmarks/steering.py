@@ -61,8 +61,8 @@ def main() -> None:
     print(f"vector: {hook}, norm {float(v.norm()):.2f} (typical resid norm at the last token: "
           f"{float(model.run_with_cache(NEUTRAL[0], names_filter=hook)[1][hook][0, -1].norm()):.2f})")
     pos_ids, neg_ids = word_ids(model, POS_WORDS), word_ids(model, NEG_WORDS)
-    print(f"| scale | P(positive words) next | P(negative words) next | positive words | negative words | "
-          f"mean log-prob (unsteered model) |")
+    print("| scale | P(positive words) next | P(negative words) next | positive words | negative words | "
+          "mean log-prob (unsteered model) |")
     print("|---|---|---|---|---|---|")
     for scale in [float(s) for s in a.scales.split(",")]:
         iv = edit.steer(v, hook, scale=scale)

@@ -17,6 +17,8 @@
                                   train an SAE / transcoder; saves it and prints its evaluation
     mechscope eval-sae SAE --model M [--store DIR]
                                   FVE, L0, dead %, CE loss recovered (zero and mean ablation)
+    mechscope probe --dataset cities|sentiment|... [--data FILE.jsonl] [--hook H] --out DIR
+                                  layer sweep of probe AUROC (or one probe with --hook); saves probe + plot
 """
 
 from __future__ import annotations
@@ -233,6 +235,42 @@ def dashboards_command(args) -> None:
     print(f"dashboards {index}")
 
 
+# ---------------------------------------------------------------------------- mechscope probe (issue 14a)
+
+
+def _add_probe_parser(sub) -> None:
+    from mechscope.probes import datasets
+    from mechscope.probes.activations import POSITIONS
+    from mechscope.probes.linear import METHODS
+
+    p = sub.add_parser("probe", help="linear probes: a layer sweep of AUROC (default) or one probe (--hook)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dataset", default=None, choices=datasets.names(),
+                   help="a built-in labelled dataset (its held-out split is scored too)")
+    p.add_argument("--data", default=None, help='a JSONL file of {"text": ..., "label": 0|1, "group": ...}')
+    p.add_argument("--hook", default=None, help="fit one probe on this hook (default: sweep every layer's "
+                   "hook_resid_post)")
+    p.add_argument("--layers", default=None, help="sweep only these layers, comma-separated")
+    p.add_argument("--position", default="last", choices=POSITIONS)
+    p.add_argument("--method", default="logistic", choices=METHODS)
+    p.add_argument("--C", default="cv", help="inverse L2 strength of the logistic probe, or cv (default)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="folder for the probe, the sweep plot and the cache record")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def probe_command(args) -> dict:
+    from mechscope.probes.command import probe_command as run
+
+    return run(args)
+
+
+# ---------------------------------------------------------------------------- parser
+
+
 def _parser() -> argparse.ArgumentParser:
     # options that configure an API object are generated from its dataclass (mechscope/options.py), so a
     # default is written once; the rest (which model, where, how to show progress) are CLI-only
@@ -324,6 +362,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None)
     d.add_argument("--no-progress", action="store_true")
+
+    _add_probe_parser(sub)
     return parser
 
 
@@ -345,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             report_command(args)
         elif args.command == "dashboards":
             dashboards_command(args)
+        elif args.command == "probe":
+            probe_command(args)
     except MechscopeError as e:
         print(f"mechscope: error: {e}", file=sys.stderr)
         return 2

@@ -264,10 +264,10 @@ def check_coder_fits(model: Any, coder: SparseCoder, *, hook: str | None = None,
             from mechscope.models.identity import model_identity
 
             have_id = model_identity(model)
-    for key, want, what in ((hook_in, c.d_in, "d_in"), (hook_out, c.out_dim, "output width")):
+    for key, want, what in ((hook_in, c.d_in, "d_in"), (hook_out, c.out_dim, "d_out")):
         if key is not None and widths[key] != want:
-            raise InputError(f"{key} has width {widths[key]} (features per token) but the coder's {what} is "
-                             f"{want}: the coder belongs to another model or hook.")
+            raise InputError(f"{key} has width {widths[key]} (features per token) but the coder has {what}={want}: "
+                             "the coder belongs to another model or hook.")
     want_id = c.model_identity
     if want_id and have_id:
         for k in ("config_hash", "weights_fingerprint"):
