@@ -30,6 +30,7 @@ import torch
 
 from mechscope.errors import InputError
 from mechscope.probes.metrics import accuracy, auroc
+from mechscope.threads import one_thread
 
 Method = Literal["logistic", "diffmeans"]
 METHODS = ("logistic", "diffmeans")
@@ -70,15 +71,8 @@ def small_problem_threads(X: torch.Tensor) -> Iterator[None]:
     """Run the fits of a small problem on one thread. Why: they are hundreds of small matrix products and
     solves, where a thread pool only adds synchronisation; on a busy 2-core machine two threads made a
     130 x 576 cross-validation 80x slower (63 s vs 0.8 s). Large problems keep torch's thread count."""
-    n = torch.get_num_threads()
-    if X.numel() > SMALL or n == 1:
+    with one_thread(X.numel() <= SMALL):
         yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def check_method(method: str) -> None:

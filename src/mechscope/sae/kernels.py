@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from mechscope.errors import InputError, NonFiniteError
 from mechscope.sae import distributed
 from mechscope.sae.coder import LossOutput, SparseCoder
+from mechscope.threads import one_thread
 
 __all__ = ["SparseCode", "topk_loss", "sparse_decode", "firing_counts", "to_dense", "bf16_matmul_is_fast",
            "remove_parallel_grad_"]
@@ -131,15 +132,8 @@ def remove_parallel_grad_(W: torch.Tensor) -> None:
 @contextlib.contextmanager
 def _serial():
     """Run the index bookkeeping on [B*k] vectors on one thread (see `SERIAL_SMALL_OPS`)."""
-    n = torch.get_num_threads()
-    if not SERIAL_SMALL_OPS or n == 1:
+    with one_thread(SERIAL_SMALL_OPS):
         yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class _Pattern:
