@@ -8,6 +8,7 @@ one at a time when a converter asks for them, so loading never holds two full co
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -102,7 +103,8 @@ def _torch_bin_loaders(files: list[Path]) -> dict[str, Callable[[], torch.Tensor
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            # mmap (no copy) needs the zip format; a legacy (torch < 1.6) .bin is read whole, still weights_only
+            part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:  # UnpicklingError for unsafe content, RuntimeError for corrupt zips
             raise CorruptFileError(
                 f"Refused to load {f}: it is not a plain tensor checkpoint ({type(e).__name__}: "
