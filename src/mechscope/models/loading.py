@@ -116,7 +116,15 @@ def build(cfg: ModelConfig, weights: Weights, converter, *, device=None, dtype=t
     with torch.device("meta"):
         model = HookedTransformer(cfg, tokenizer=tokenizer)
     sd = {}
-    for name, t in converter.convert_weights(cfg, weights).items():
+    try:
+        converted = converter.convert_weights(cfg, weights)
+    except CorruptFileError as e:  # say what the config implied: a field missing from config.json is defaulted
+        raise CorruptFileError(
+            f"{e} config.json implies {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads and a "
+            f"vocabulary of {cfg.d_vocab}; a field missing from config.json (num_hidden_layers, hidden_size, ...) "
+            "takes the transformers default, so check that config.json is complete and belongs to these weights."
+        ) from e
+    for name, t in converted.items():
         # exactly one copy per tensor, into memory we own, contiguous, in the final dtype/device.
         # (safetensors tensors are views of a file mapping: keeping them would keep every page
         # we read for a transpose mapped as well, and tie our model to the file.)
