@@ -57,6 +57,7 @@ class Ctx:
     coder_dir: Path
     tmp: Path
     blocker: Path  # a file where a folder is expected
+    nan_coder_dir: Path  # a saved coder whose decoder holds NaN
 
     def scratch(self, name: str) -> Path:
         p = self.tmp / "scratch" / name
@@ -81,7 +82,11 @@ def ctx(tiny_lm_folder, tiny_gpt2, tiny_llama, tmp_path_factory) -> Ctx:
     coder_dir = sae_io.save(coder, tmp / "coder")
     blocker = tmp / "a-file"
     blocker.write_text("not a folder")
-    return Ctx(model, folder, tiny_gpt2[2], tiny_llama[1], store, coder, coder_dir, tmp, blocker)
+    nan_coder = sae_io.load(coder_dir)
+    with torch.no_grad():
+        nan_coder.W_dec[0, 0] = float("nan")
+    nan_dir = sae_io.save(nan_coder, tmp / "nan-coder")
+    return Ctx(model, folder, tiny_gpt2[2], tiny_llama[1], store, coder, coder_dir, tmp, blocker, nan_dir)
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -101,7 +106,7 @@ def cli(*argv: str) -> Callable[[Ctx], tuple[int, str]]:
 
     def run(c: Ctx) -> tuple[int, str]:
         subs = {"folder": c.folder, "store": c.store, "coder": c.coder_dir, "tmp": c.tmp, "blocker": c.blocker,
-                "llama": c.llama_folder}
+                "llama": c.llama_folder, "nan": c.nan_coder_dir}
         args = [a.format(**subs) for a in argv]
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -302,7 +307,7 @@ ROWS: list[Row] = [
         E.CorruptFileError, "not valid JSON"),
     Row("model", "Falcon folder (also)", lambda c: c.model.from_pretrained(str(_folder_with_config(
         c, "falcon", {"architectures": ["FalconForCausalLM"], "model_type": "falcon", "hidden_size": 64}))),
-        E.UnsupportedArchitectureError, "Supported architectures: "),
+        E.UnsupportedArchitectureError, "does not support. Supported: "),
     Row("model", "remote-code config never prompts", lambda c: c.model.from_pretrained(str(_folder_with_config(
         c, "rw", {"architectures": ["RWForCausalLM"], "model_type": "RefinedWeb",
                   "auto_map": {"AutoConfig": "configuration_RW.RWConfig"}}))),
@@ -493,9 +498,12 @@ ROWS: list[Row] = [
         "Cannot write the zoo model folder"),
     Row("cli", "inspect missing model", cli("inspect", "/no/such/model", "--no-parity"), CLI, "No model"),
     Row("cli", "inspect Falcon folder", cli("inspect", "{tmp}/scratch/falcon", "--no-parity"), CLI,
-        "Supported architectures"),
+        "Supported: "),
     Row("cli", "report --out on a file", cli("report", "--model", "{folder}", "--out", "{blocker}/r"), CLI,
         "Cannot write the report folder"),
+    Row("cli", "eval-sae with NaN weights (also)", cli("eval-sae", "{nan}", "--model", "{folder}", "--store",
+                                                       "{store}", "--eval-tokens", "128", "--eval-contexts", "2"),
+        CLI, "non-finite"),
     Row("cli", "eval-sae of a missing coder", cli("eval-sae", "{tmp}/no-coder", "--model", "{folder}"), CLI,
         "no-coder"),
     Row("cli", "eval-sae of another model's store", cli("eval-sae", "{coder}", "--model", "{llama}", "--store",
@@ -653,7 +661,7 @@ def test_defect10_inspect_reads_a_gguf():
     out = io.StringIO()
     summary = inspect_model(str(smollm2_gguf_path()), parity=False, out=out)
     assert summary["architecture"] and summary["hook_points"] > 100
-    assert "blocks.0.hook_resid_post" in out.getvalue()
+    assert "blocks.{l}.hook_resid_post" in out.getvalue()
 
 
 def test_legacy_bin_loads_with_weights_only(tiny_llama, tmp_path):

@@ -181,11 +181,24 @@ def _model_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _refuse_non_finite(metrics: dict[str, float]) -> None:
+    """A NaN metric is an error (exit 2), never a number printed with exit 0."""
+    import math
+
+    bad = [k for k, v in metrics.items() if not math.isfinite(float(v))]
+    if bad:
+        from mechscope.errors import NonFiniteError
+
+        raise NonFiniteError(f"Evaluation gave non-finite {', '.join(bad)}: the coder's weights or the activations "
+                             "hold NaN or inf. Check the SAE file (or retrain it) and the --store.")
+
+
 def _print_eval(coder, model, source, n_tokens: int, n_contexts: int, store=None) -> dict:
     from mechscope.sae.metrics import evaluate, splice_metrics
 
     ev = evaluate(coder, source, n_tokens=n_tokens)
     sp = splice_metrics(coder, model, n_contexts=n_contexts, store=store)
+    _refuse_non_finite({"FVE": ev.fve, "MSE": ev.mse, "L0": ev.l0, "CE with coder": sp.ce_sae, "KL": sp.kl_sae})
     print(f"eval       {ev.n_tokens:,} tokens: FVE {ev.fve:.4f}  MSE {ev.mse:.4g}  L0 {ev.l0:.1f}  "
           f"dead {100 * ev.dead_fraction:.1f}%  dense {100 * ev.dense_fraction:.1f}%")
     print(f"spliced    {sp.n_tokens:,} predictions: CE clean {sp.ce_clean:.4f}  with coder {sp.ce_sae:.4f} "

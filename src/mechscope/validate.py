@@ -92,9 +92,11 @@ def dtype(name: str, value: Any, *, allowed: tuple[str, ...] = DTYPES):
     return getattr(torch, s)
 
 
-def writable_dir(path: str | os.PathLike, *, flag: str | None = "--out", what: str = "output folder") -> Path:
+def writable_dir(path: str | os.PathLike, *, flag: str | None = "--out", what: str = "output folder",
+                 keep: bool = True) -> Path:
     """Create folder `path` (and parents) and prove a file can be written there -- before any work, so an
     unwritable output is found in a second rather than after hours of training. Returns the Path.
+    keep=False removes again the (empty) folders this call created: for writers that may still refuse.
 
     Raises OutputNotWritableError naming the folder and the OS reason (permission, a file in the way,
     read-only disk, a path under /proc)."""
@@ -103,11 +105,15 @@ def writable_dir(path: str | os.PathLike, *, flag: str | None = "--out", what: s
     if p.exists() and not p.is_dir():
         raise OutputNotWritableError(f"Cannot write the {what} {where}: it is a file, not a folder. Choose "
                                      "another path.")
+    created = [q for q in (p, *p.parents) if not q.exists()]  # deepest first
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f".write-test-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
+        if not keep:
+            for q in created:
+                q.rmdir()
     except OSError as e:
         raise OutputNotWritableError(f"Cannot write the {what} {where} ({e.strerror or e}); choose a writable "
                                      "folder or fix its permissions. Nothing was computed.") from e

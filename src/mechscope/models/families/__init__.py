@@ -44,7 +44,7 @@ def check_supported(raw_config: dict[str, Any], where: str) -> None:
     name = ", ".join(archs) or repr(model_type) or "none given"
     raise UnsupportedArchitectureError(
         f"{where} describes a {name} model (model_type {model_type!r}), an architecture mechscope does not "
-        f"support. Supported architectures: {', '.join(supported_architectures())}.")
+        f"support. Supported: {', '.join(supported_architectures())}.")
 
 
 def converter_for(hf_config: Any) -> ModuleType:

@@ -81,5 +81,5 @@ def save(coder: SparseCoder, path: str | os.PathLike, format: str = "native") ->
     """
     if format not in _WRITE:
         raise InputError(f"Unknown SAE format {format!r}; choose one of {', '.join(FORMATS)}.")
-    writable_dir(path, flag=None, what="SAE folder")  # a typed error, not a raw OSError half-way through
+    writable_dir(path, flag=None, what="SAE folder", keep=False)  # a typed error, not a raw OSError half-way through
     return _WRITE[format](coder, Path(path))
