@@ -576,8 +576,7 @@ def test_cli_process_exit_2_one_line_and_debug_traceback(ctx):
     argv = ("eval-sae", str(ctx.coder_dir), "--model", str(ctx.folder), "--eval-tokens", "-5")
     r = _mechscope(*argv)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == "mechscope: error: eval tokens (--eval-tokens) must be >= 1, got -5; pass a value of " \
-                               "at least 1."
+    assert r.stderr.strip() == "mechscope: error: --eval-tokens must be >= 1, got -5; pass a value of at least 1."
     r = _mechscope("--debug", *argv)
     assert r.returncode != 0 and "Traceback" in r.stderr and "InputError" in r.stderr
     r = _mechscope("train-sae")  # argparse misuse: usage and one error line, status 2

@@ -237,18 +237,17 @@ def train_sae_command(args) -> dict:
 
 
 def _check_eval_args(args) -> None:
-    positive_int("eval tokens", args.eval_tokens, flag="--eval-tokens")
-    positive_int("eval contexts", args.eval_contexts, flag="--eval-contexts")
+    positive_int("--eval-tokens", args.eval_tokens)
+    positive_int("--eval-contexts", args.eval_contexts)
 
 
 def _check_train_args(args) -> None:
-    for flag in ("latents", "k", "steps", "batch_size"):
-        positive_int(flag.replace("_", " "), getattr(args, flag), flag="--" + flag.replace("_", "-"))
-    count("resample every", args.resample_every, flag="--resample-every")
-    for flag in ("lr", "l1_coeff", "l0_coeff"):
-        if getattr(args, flag) is not None:
-            finite_float(flag.replace("_", " "), getattr(args, flag), positive=flag == "lr",
-                         flag="--" + flag.replace("_", "-"))
+    for dest in ("latents", "k", "steps", "batch_size"):
+        positive_int("--" + dest.replace("_", "-"), getattr(args, dest))
+    count("--resample-every", args.resample_every)
+    for dest in ("lr", "l1_coeff", "l0_coeff"):
+        if getattr(args, dest) is not None:
+            finite_float("--" + dest.replace("_", "-"), getattr(args, dest), positive=dest == "lr")
     _check_eval_args(args)
     writable_dir(args.out, what="SAE folder")
     if args.checkpoint_dir:
@@ -278,8 +277,8 @@ def report_command(args) -> None:
 def dashboards_command(args) -> None:
     from mechscope.features.pipeline import feature_dashboards
 
-    for flag in ("tokens", "score_tokens", "pages"):
-        positive_int(flag.replace("_", " "), getattr(args, flag), flag="--" + flag.replace("_", "-"))
+    for dest in ("tokens", "score_tokens", "pages"):
+        positive_int("--" + dest.replace("_", "-"), getattr(args, dest))
     writable_dir(args.out, what="dashboards folder")
     index = feature_dashboards(args.sae, args.model, args.out, corpus=args.corpus, tokens=args.tokens,
                                score_tokens=args.score_tokens, n_pages=args.pages, seed=args.seed,
