@@ -503,7 +503,7 @@ ROWS: list[Row] = [
         "Cannot write the report folder"),
     Row("cli", "eval-sae with NaN weights (also)", cli("eval-sae", "{nan}", "--model", "{folder}", "--store",
                                                        "{store}", "--eval-tokens", "128", "--eval-contexts", "2"),
-        CLI, "non-finite"),
+        CLI, "NaN"),
     Row("cli", "eval-sae of a missing coder", cli("eval-sae", "{tmp}/no-coder", "--model", "{folder}"), CLI,
         "no-coder"),
     Row("cli", "eval-sae of another model's store", cli("eval-sae", "{coder}", "--model", "{llama}", "--store",

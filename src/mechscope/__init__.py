@@ -1,6 +1,6 @@
 """mechscope: open up transformer language models and explain how they produce what they produce."""
 
-from mechscope import interventions
+from mechscope import edit, interventions, probes
 from mechscope.data.harvest import HarvestConfig
 from mechscope.data.store import ActivationStore
 from mechscope.errors import (
@@ -58,5 +58,7 @@ __all__ = [
     "UnknownFormatError",
     "UnsupportedArchitectureError",
     "UnsupportedQuantizationError",
+    "edit",
     "interventions",
+    "probes",
 ]

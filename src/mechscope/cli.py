@@ -17,6 +17,8 @@
                                   train an SAE / transcoder; saves it and prints its evaluation
     mechscope eval-sae SAE --model M [--store DIR]
                                   FVE, L0, dead %, CE loss recovered (zero and mean ablation)
+    mechscope probe --dataset cities|sentiment|... [--data FILE.jsonl] [--hook H] --out DIR
+                                  layer sweep of probe AUROC (or one probe with --hook); saves probe + plot
 """
 
 from __future__ import annotations
@@ -181,24 +183,11 @@ def _model_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _refuse_non_finite(metrics: dict[str, float]) -> None:
-    """A NaN metric is an error (exit 2), never a number printed with exit 0."""
-    import math
-
-    bad = [k for k, v in metrics.items() if not math.isfinite(float(v))]
-    if bad:
-        from mechscope.errors import NonFiniteError
-
-        raise NonFiniteError(f"Evaluation gave non-finite {', '.join(bad)}: the coder's weights or the activations "
-                             "hold NaN or inf. Check the SAE file (or retrain it) and the --store.")
-
-
 def _print_eval(coder, model, source, n_tokens: int, n_contexts: int, store=None) -> dict:
     from mechscope.sae.metrics import evaluate, splice_metrics
 
     ev = evaluate(coder, source, n_tokens=n_tokens)
     sp = splice_metrics(coder, model, n_contexts=n_contexts, store=store)
-    _refuse_non_finite({"FVE": ev.fve, "MSE": ev.mse, "L0": ev.l0, "CE with coder": sp.ce_sae, "KL": sp.kl_sae})
     print(f"eval       {ev.n_tokens:,} tokens: FVE {ev.fve:.4f}  MSE {ev.mse:.4g}  L0 {ev.l0:.1f}  "
           f"dead {100 * ev.dead_fraction:.1f}%  dense {100 * ev.dense_fraction:.1f}%")
     print(f"spliced    {sp.n_tokens:,} predictions: CE clean {sp.ce_clean:.4f}  with coder {sp.ce_sae:.4f} "
@@ -223,7 +212,8 @@ def train_sae_command(args) -> dict:
                   l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff,
                   autocast_bf16={"on": True, "off": False}.get(args.bf16, "auto"),
                   resample_every=args.resample_every,
-                  checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress, device=args.device)
+                  checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                  checkpoint_seconds=_checkpoint_seconds(args), progress=not args.no_progress, device=args.device)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():  # under torchrun: rank 0 saves and evaluates
@@ -245,6 +235,8 @@ def _check_train_args(args) -> None:
     for dest in ("latents", "k", "steps", "batch_size"):
         positive_int("--" + dest.replace("_", "-"), getattr(args, dest))
     count("--resample-every", args.resample_every)
+    positive_int("--checkpoint-every", args.checkpoint_every)
+    finite_float("--checkpoint-seconds", args.checkpoint_seconds)
     for dest in ("lr", "l1_coeff", "l0_coeff"):
         if getattr(args, dest) is not None:
             finite_float("--" + dest.replace("_", "-"), getattr(args, dest), positive=dest == "lr")
@@ -252,6 +244,15 @@ def _check_train_args(args) -> None:
     writable_dir(args.out, what="SAE folder")
     if args.checkpoint_dir:
         writable_dir(args.checkpoint_dir, flag="--checkpoint-dir", what="checkpoint folder")
+
+
+def _checkpoint_seconds(args) -> float | None:
+    """--checkpoint-seconds, off (None) when 0 or under torchrun (ranks must agree on when to save)."""
+    import os
+
+    if args.checkpoint_seconds <= 0 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    return args.checkpoint_seconds
 
 
 def eval_sae_command(args) -> dict:
@@ -284,6 +285,42 @@ def dashboards_command(args) -> None:
                                score_tokens=args.score_tokens, n_pages=args.pages, seed=args.seed,
                                device=args.device, progress=not args.no_progress)
     print(f"dashboards {index}")
+
+
+# ---------------------------------------------------------------------------- mechscope probe (issue 14a)
+
+
+def _add_probe_parser(sub) -> None:
+    from mechscope.probes import datasets
+    from mechscope.probes.activations import POSITIONS
+    from mechscope.probes.linear import METHODS
+
+    p = sub.add_parser("probe", help="linear probes: a layer sweep of AUROC (default) or one probe (--hook)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dataset", default=None, choices=datasets.names(),
+                   help="a built-in labelled dataset (its held-out split is scored too)")
+    p.add_argument("--data", default=None, help='a JSONL file of {"text": ..., "label": 0|1, "group": ...}')
+    p.add_argument("--hook", default=None, help="fit one probe on this hook (default: sweep every layer's "
+                   "hook_resid_post)")
+    p.add_argument("--layers", default=None, help="sweep only these layers, comma-separated")
+    p.add_argument("--position", default="last", choices=POSITIONS)
+    p.add_argument("--method", default="logistic", choices=METHODS)
+    p.add_argument("--C", default="cv", help="inverse L2 strength of the logistic probe, or cv (default)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="folder for the probe, the sweep plot and the cache record")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def probe_command(args) -> dict:
+    from mechscope.probes.command import probe_command as run
+
+    return run(args)
+
+
+# ---------------------------------------------------------------------------- parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -344,6 +381,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resample-every", type=int, default=0,
                    help="re-initialise dead latents from high-error inputs every N steps (0: AuxK only)")
     t.add_argument("--checkpoint-dir", default=None, help="checkpoints here; an existing one is resumed")
+    t.add_argument("--checkpoint-every", type=int, default=1000, help="with --checkpoint-dir: checkpoint every N steps")
+    t.add_argument("--checkpoint-seconds", type=float, default=300.0,
+                   help="with --checkpoint-dir: also checkpoint when this many seconds passed since the last one "
+                        "(default 300; 0: by steps only; ignored under torchrun)")
     t.add_argument("--eval-tokens", type=int, default=50_000)
     t.add_argument("--eval-contexts", type=int, default=32)
     t.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -374,6 +415,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None)
     d.add_argument("--no-progress", action="store_true")
+
+    _add_probe_parser(sub)
     return parser
 
 
@@ -404,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             report_command(args)
         elif args.command == "dashboards":
             dashboards_command(args)
+        elif args.command == "probe":
+            probe_command(args)
     except MechscopeError as e:
         if debug:
             raise

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from mechscope.errors import CheckpointMismatchError, CorruptFileError, InputError
-from mechscope.fileio import atomic_write_bytes, atomic_write_json
+from mechscope.faults import kill_point
+from mechscope.fileio import atomic_write_bytes, atomic_write_json, remove_temp_files
 
 CHECKPOINT_DIR = ".checkpoint"  # the zoo and the tuned lens keep their checkpoint in out/.checkpoint
 CHECKPOINT_VERSION = 2
@@ -172,6 +173,7 @@ class Checkpoint:
             from safetensors.torch import save
 
             self.dir.mkdir(parents=True, exist_ok=True)
+            remove_temp_files(self.dir)  # left by a run killed while saving: never kept for good
             tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
             if rng:
                 tensors[_RNG_KEY] = torch.get_rng_state()
@@ -186,7 +188,7 @@ class Checkpoint:
         if self.barrier is not None:
             self.barrier()
 
-    def _read(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def _read(self, tensors: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -195,7 +197,7 @@ class Checkpoint:
             if state.get("format_version") != CHECKPOINT_VERSION:
                 raise ValueError(f"format_version {state.get('format_version')}, this mechscope reads "
                                  f"{CHECKPOINT_VERSION}")
-            return state, load_file(self.dir / state["tensors"])
+            return state, load_file(self.dir / state["tensors"]) if tensors else {}
         except (ValueError, KeyError, OSError, SafetensorError) as e:
             raise CorruptFileError(f"Unreadable checkpoint in {self.dir} ({e}); delete that folder to start "
                                    "over.") from e
@@ -216,9 +218,14 @@ class Checkpoint:
         extra = {k: v for k, v in state.items() if k not in _RESERVED}
         return Saved(int(state["step"]), tensors, state.get("log"), extra)
 
+    def saved_state(self) -> dict[str, Any] | None:
+        """The JSON of the saved state (identity, step, log, the caller's extra), None without a checkpoint.
+        No identity check: for callers that explain a mismatch themselves."""
+        return self._read(tensors=False)[0] if self.exists() else None
+
     def step(self) -> int | None:
         """The step of the saved state, None without a checkpoint (no identity check)."""
-        return int(self._read()[0]["step"]) if self.exists() else None
+        return int(self._read(tensors=False)[0]["step"]) if self.exists() else None
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -366,6 +373,7 @@ def train_loop(
         while state.step < steps:
             loss = step_fn(state.step, state.log)
             state.step += 1
+            kill_point(f"step:{state.step}")  # test-only (mechscope.faults)
             bar.update(1)
             if progress and (state.step % 10 == 0 or state.step == steps):
                 shown = postfix(state.log) if postfix is not None else (

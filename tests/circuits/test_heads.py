@@ -217,9 +217,16 @@ def test_detectors_find_the_induction_circuit(induction_model):
     assert layer == 1 and found["induction"][layer, head] > 0.5
     assert found["induction"][0].max() < 0.2  # one layer cannot do induction
     assert int(found["previous_token"].argmax()) // H == 0  # its partner: a layer-0 previous-token head
-    # it copies what it attends to (negative copy-suppression score) and is the zoo's head too
+    # it copies what it attends to (negative copy-suppression score)
     assert found["copy_suppression"][layer, head] < 0
-    assert int(zoo.induction_score(induction_model).argmax()) == layer * H + head
+    # The zoo's own scorer finds the same induction heads. Not the same argmax: all four layer-1 heads
+    # become induction heads, within 0.012 of each other (e.g. 0.917-0.926 on AMD Zen 1, 0.916-0.926 on
+    # Zen 4, 0.887-0.899 on Zen 1 with ATen's generic kernels), and which is highest depends on the CPU's
+    # float rounding during training. Every head is far from 0.5 (measured < 0.02 or > 0.88), so the sets
+    # are the same on any machine.
+    zoo_scores = zoo.induction_score(induction_model)  # [n_layers, n_heads]
+    assert torch.equal(found["induction"] > 0.5, zoo_scores > 0.5), (found["induction"], zoo_scores)
+    assert zoo_scores[layer, head] > zoo_scores.max() - 0.03  # the detector's best is one of the tied best
 
 
 @pytest.mark.slow

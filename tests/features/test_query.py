@@ -116,6 +116,14 @@ def naive_search(stats: FeatureStats, phrases: list[list[int]], top_n: int) -> l
     return [(f, s) for f, s, _ in out[:top_n]]
 
 
+def assert_same_hits(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
+    """The same latents in the same order, scores equal to float tolerance. (pytest.approx does not
+    compare lists of tuples: it raises TypeError on nested structures.)"""
+    assert [f for f, _ in got] == [f for f, _ in want]
+    torch.testing.assert_close(torch.tensor([s for _, s in got], dtype=torch.float64),
+                               torch.tensor([s for _, s in want], dtype=torch.float64))
+
+
 def synthetic_stats(seed: int, F: int = 40, k: int = 4, T: int = 12, vocab: int = 4) -> FeatureStats:
     """Small vocabulary so that phrases recur; sparse activations; some empty slots and a dead feature."""
     g = torch.Generator().manual_seed(seed)
@@ -152,9 +160,7 @@ def test_search_matches_naive(query, phrase):
         stats = synthetic_stats(seed)
         got = search_features(stats, IdTokenizer(), query, top_n=7)
         want = naive_search(stats, [phrase], 7)
-        assert [f for f, _ in got] == [f for f, _ in want]
-        torch.testing.assert_close(torch.tensor([s for _, s in got], dtype=torch.float64),
-                                   torch.tensor([s for _, s in want], dtype=torch.float64))
+        assert_same_hits(got, want)
         assert got and all(0 < s <= 1 for _, s in got) and 105 not in [f for f, _ in got]
 
 
@@ -178,10 +184,10 @@ def test_search_on_real_stats(setup):
     tok = model.tokenizer
     variants = [tok(" the", add_special_tokens=False)["input_ids"], tok("the", add_special_tokens=False)["input_ids"]]
     got = search_features(stats, model, "the", top_n=5)
-    assert got == pytest.approx(naive_search(stats, variants, 5))
+    assert_same_hits(got, naive_search(stats, variants, 5))
     assert len(got) > 0
     only = search_features(stats, tok, "the", top_n=5, match_space=False)
-    assert only == pytest.approx(naive_search(stats, variants[1:], 5))
+    assert_same_hits(only, naive_search(stats, variants[1:], 5))
     with pytest.raises(ArtifactMismatchError, match="another tokenizer"):
         search_features(stats, IdTokenizer(), "a")
 

@@ -139,7 +139,7 @@ def test_splice_mismatch_errors(lm, ctx):
     with pytest.raises(HookNameError, match="blocks.9.hook_resid_post"):
         unknown = identity_coder(32, hook_in="blocks.9.hook_resid_post")
         M.splice_metrics(unknown, lm, contexts=ctx, n_contexts=2)
-    with pytest.raises(InputError, match="coder's d_in is 16"):
+    with pytest.raises(InputError, match="coder has d_in=16"):
         M.splice_metrics(identity_coder(16, hook_in=HOOK), lm, contexts=ctx, n_contexts=2)
     with pytest.raises(InputError, match="no hook_in"):
         M.splice_metrics(identity_coder(32), lm, contexts=ctx, n_contexts=2)

@@ -16,6 +16,7 @@ does not grow with the number of tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import threading
@@ -28,7 +29,7 @@ import torch
 
 from mechscope.data.stats import RunningStats
 from mechscope.errors import CorruptFileError, InputError, StoreMismatchError, StoreWriteError
-from mechscope.fileio import atomic_write_bytes, atomic_write_json
+from mechscope.fileio import atomic_write_bytes, atomic_write_json, remove_temp_files
 from mechscope.models.identity import content_identity, model_identity, same_model
 from mechscope.options import option
 from mechscope.steps import step_key
@@ -109,38 +110,77 @@ def shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
+_MANIFEST_KEYS = ("config", "model", "source", "hook_shapes", "shards", "tokens", "contexts", "complete", "stats")
+_SHARD_KEYS = ("file", "rows", "bytes", "contexts")
+_REHARVEST = "re-harvest it (the same command with --overwrite, or overwrite=True)"
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a store folder, checked to have every key a reader needs (CorruptFileError if not)."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise CorruptFileError(f"{folder} has no {MANIFEST}: it is not an activation store (or its harvest never "
-                               "finished a shard).")
+                               "finished a shard: rerun the harvest command to resume it).")
     try:
         manifest = json.loads(path.read_text())
     except ValueError as e:
-        raise CorruptFileError(f"{path} is not valid JSON ({e}).") from e
-    if manifest.get("format") != FORMAT:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}); {_REHARVEST}.") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CorruptFileError(f"{path} is not a mechscope activation-store manifest.")
     if manifest.get("version", 0) > VERSION:
         raise CorruptFileError(f"{path} was written by a newer mechscope (version {manifest['version']}); upgrade.")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    shards = manifest.get("shards")
+    if not missing and not (isinstance(shards, list) and all(isinstance(e, dict) for e in shards)):
+        missing = ["shards (a list of entries)"]
+    if not missing:
+        missing = sorted({f"shards[].{k}" for e in shards for k in _SHARD_KEYS if k not in e})
+    if not missing:
+        try:
+            HarvestConfig(**manifest["config"])
+        except (TypeError, InputError) as e:
+            missing = [f"a valid config ({e})"]
+    if missing:
+        raise CorruptFileError(f"{path} lacks {', '.join(missing)}: the store is damaged or was edited; "
+                               f"{_REHARVEST}.")
     return manifest
 
 
-def load_shard(folder: Path, entry: dict[str, Any], names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Read one shard, checking its size against the manifest first (a truncated file is refused)."""
-    from safetensors import SafetensorError, safe_open
+def shard_checksum(path: str | Path) -> str:
+    """sha256 of a shard file (hex), as recorded in the manifest's shard entry."""
+    import hashlib
 
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_shard(folder: Path, entry: dict[str, Any], checksum: bool = True) -> None:
+    """CorruptFileError unless the shard file exists with the manifest's size and (checksum=True, when the
+    manifest records one) its sha256: bit-rot inside a shard is caught, not served as activations."""
     path = Path(folder) / entry["file"]
     if not path.exists():
-        raise CorruptFileError(f"Shard {path} listed in the manifest is missing.")
+        raise CorruptFileError(f"Shard {path} listed in the manifest is missing; {_REHARVEST}.")
     size = path.stat().st_size
     if size != entry["bytes"]:
         raise CorruptFileError(f"Shard {path} has {size} bytes, the manifest says {entry['bytes']}: it is "
-                               "truncated or was overwritten. Re-harvest into a new folder.")
+                               f"truncated or was overwritten; {_REHARVEST}.")
+    if checksum and "sha256" in entry and shard_checksum(path) != entry["sha256"]:
+        raise CorruptFileError(f"Shard {path} does not match its checksum in the manifest (sha256): its bytes "
+                               f"changed on disk (bit-rot or an edit); {_REHARVEST}.")
+
+
+def load_shard(folder: Path, entry: dict[str, Any], names: list[str] | None = None,
+               checksum: bool = False) -> dict[str, torch.Tensor]:
+    """Read one shard, checking its size (and, with checksum=True, its sha256) against the manifest first."""
+    from safetensors import SafetensorError, safe_open
+
+    check_shard(folder, entry, checksum)
+    path = Path(folder) / entry["file"]
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in (names or list(f.keys()))}
     except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise CorruptFileError(f"Could not read {path}: {e}") from e
+        raise CorruptFileError(f"Could not read {path}: {e}; {_REHARVEST}.") from e
 
 
 def _stats_file(folder: Path, stats: dict[str, RunningStats], n_shards: int) -> None:
@@ -206,9 +246,8 @@ class _ShardWriter:
         try:
             atomic_write_bytes(self.folder / name, data)
             _stats_file(self.folder, self.stats, index + 1)
-            self.manifest["shards"].append(
-                {"file": name, "rows": rows, "bytes": len(data), "contexts": list(ctx_range)}
-            )
+            self.manifest["shards"].append({"file": name, "rows": rows, "bytes": len(data),
+                                            "contexts": list(ctx_range), "sha256": hashlib.sha256(data).hexdigest()})
             self.manifest["tokens"] += rows
             self.manifest["contexts"] = ctx_range[1]
             atomic_write_json(self.folder / MANIFEST, self.manifest)
@@ -282,25 +321,32 @@ def harvest(model, cfg: HarvestConfig, out: str | Path, *, contexts=None, progre
     stats: dict[str, RunningStats] = {}
     if out.exists() and overwrite:
         _remove_store(out)
+    if out.is_dir():
+        remove_temp_files(out)  # half-written files of a killed run never block (or stay after) a rerun
     if (out / MANIFEST).exists():
         manifest, stats = _resume_state(out, manifest)
         if manifest["complete"]:
             return out
-    elif out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
-        if any(p.name.startswith("shard_") for p in out.iterdir()):
-            _remove_store(out)  # shards from a harvest killed before its first manifest
+    elif out.exists() and any(out.iterdir()):
+        if all(_is_store_file(p.name) for p in out.iterdir()):
+            _remove_store(out)  # shards or stats of a harvest killed before its first manifest
         else:
-            raise InputError(f"{out} exists and is not an activation store; choose another --out folder.")
+            raise InputError(f"{out} exists and is not an activation store (it holds "
+                             f"{', '.join(sorted(p.name for p in out.iterdir())[:3])}, ...): choose another "
+                             "--out folder (--overwrite deletes only a store's own files, never other ones).")
     out.mkdir(parents=True, exist_ok=True)
-    for p in out.glob(".*.tmp"):  # half-written files of a killed run
-        p.unlink()
     _run(model, cfg, out, contexts, manifest, stats, progress)
     return out
 
 
+def _is_store_file(name: str) -> bool:
+    """A file a harvest writes (or the temp file of one): the only files --overwrite deletes."""
+    return name in (MANIFEST, STATS) or name.startswith(("shard_", ".shard_", ".manifest", ".stats"))
+
+
 def _remove_store(out: Path) -> None:
     for p in out.iterdir():
-        if p.name == MANIFEST or p.name == STATS or p.name.startswith(("shard_", ".shard_", ".manifest", ".stats")):
+        if _is_store_file(p.name):
             p.unlink()
 
 
@@ -338,9 +384,7 @@ def _resume_state(out: Path, fresh: dict[str, Any]) -> tuple[dict[str, Any], dic
             for h in stats:
                 stats[h].update(shard[h])
     for entry in old["shards"]:  # every listed shard must be whole before we append to it
-        path = out / entry["file"]
-        if not path.exists() or path.stat().st_size != entry["bytes"]:
-            raise CorruptFileError(f"{path} is missing or truncated; rerun with overwrite=True / --overwrite.")
+        check_shard(out, entry, checksum=False)
     return old, stats or {}
 
 
@@ -430,4 +474,5 @@ def harvest_rows(model, tokens: torch.Tensor, cfg: HarvestConfig) -> dict[str, t
     return out
 
 
-__all__ = ["HarvestConfig", "harvest", "harvest_key", "model_identity", "check_model", "read_manifest", "load_shard"]
+__all__ = ["HarvestConfig", "harvest", "harvest_key", "model_identity", "check_model", "read_manifest", "load_shard",
+           "check_shard", "shard_checksum"]

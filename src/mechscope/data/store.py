@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 
-from mechscope.data.harvest import STATS, HarvestConfig, check_model, harvest, load_shard, read_manifest
+from mechscope.data.harvest import (
+    STATS,
+    HarvestConfig,
+    check_model,
+    check_shard,
+    harvest,
+    load_shard,
+    read_manifest,
+)
 from mechscope.errors import CorruptFileError, HookNameError, InputError, unknown_name_message
 
 TOKEN_KEYS = ("tokens", "context_ids", "positions")
@@ -22,12 +30,19 @@ Batch = dict[str, torch.Tensor]  # hook name -> [B, *shape]; optionally tokens/c
 
 
 class ActivationStore:
-    """A folder of activation shards written by `harvest` (see harvest.py for the layout)."""
+    """A folder of activation shards written by `harvest` (see harvest.py for the layout).
+
+    Each shard is checked against the sha256 its manifest records the first time this object reads
+    it (bit-rot is refused, not served); the check reads the file once, which also warms the page
+    cache for the memory-mapped reads that follow, and runs in the background reader thread while
+    batches are being served.
+    """
 
     def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
         self.config = HarvestConfig(**manifest["config"])
+        self._checked: set[str] = set()  # shard files whose checksum matched
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -40,6 +55,9 @@ class ActivationStore:
                 f"The harvest in {folder} is unfinished ({manifest['tokens']} of {manifest['config']['n_tokens']} "
                 "tokens): rerun the same harvest command to resume it, or open with allow_incomplete=True."
             )
+        if manifest["shards"] and not (folder / STATS).exists():
+            raise CorruptFileError(f"{folder} lacks {STATS} (the per-hook statistics): the store is damaged; "
+                                   "re-harvest it (the same command with --overwrite, or overwrite=True).")
         if model is not None:
             check_model(manifest, model, str(folder))
         return cls(folder, manifest)
@@ -78,12 +96,16 @@ class ActivationStore:
 
     def stats(self, hook: str) -> dict[str, Any]:
         """Summary scalars (mean_norm, norm_scale, total_variance, ...) plus "mean" and "var" [*shape]."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         self._check_hook(hook)
         out: dict[str, Any] = dict(self.manifest["stats"].get(hook, {}))
-        with safe_open(str(self.folder / STATS), framework="pt") as f:
-            out["mean"], out["var"] = f.get_tensor(f"{hook}.mean"), f.get_tensor(f"{hook}.var")
+        try:
+            with safe_open(str(self.folder / STATS), framework="pt") as f:
+                out["mean"], out["var"] = f.get_tensor(f"{hook}.mean"), f.get_tensor(f"{hook}.var")
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise CorruptFileError(f"Could not read the statistics of {hook} in {self.folder / STATS} ({e}): the "
+                                   "store is damaged; re-harvest it (the same command with --overwrite).") from e
         return out
 
     def __repr__(self) -> str:
@@ -106,9 +128,15 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ reading
     def verify(self) -> None:
-        """Read every shard fully (size and format): CorruptFileError on the first bad one."""
+        """Check every shard (size, sha256, format) now: CorruptFileError on the first bad one."""
         for entry in self.manifest["shards"]:
+            self._check(entry)
             load_shard(self.folder, entry)
+
+    def _check(self, entry: dict[str, Any]) -> None:
+        """Size always; the recorded sha256 once per shard and object (thread-safe enough: worst case twice)."""
+        check_shard(self.folder, entry, checksum=entry["file"] not in self._checked)
+        self._checked.add(entry["file"])
 
     def load(self, hook: str, max_rows: int | None = None) -> torch.Tensor:
         """All rows of one hook, in harvest order: [N, *shape] (for small stores and analyses)."""
@@ -117,6 +145,7 @@ class ActivationStore:
         for entry in self.manifest["shards"]:
             if max_rows is not None and n >= max_rows:
                 break
+            self._check(entry)
             t = load_shard(self.folder, entry, [hook])[hook]
             parts.append(t)
             n += t.shape[0]
@@ -127,6 +156,7 @@ class ActivationStore:
         if not self.config.keep_tokens:
             raise InputError(f"{self.folder} was harvested without keep_tokens; contexts are not stored.")
         for entry in self.manifest["shards"]:
+            self._check(entry)
             ctx = load_shard(self.folder, entry, ["contexts"])["contexts"]
             for i, row in enumerate(ctx):
                 yield entry["contexts"][0] + i, row.long()
@@ -146,6 +176,9 @@ class ActivationStore:
         """
         if batch_size <= 0 or buffer_rows <= 0 or chunk_rows <= 0:
             raise InputError("batch_size, buffer_rows and chunk_rows must be positive.")
+        if drop_last and batch_size > self.n_tokens:  # every epoch would serve nothing: never loop on it
+            raise InputError(f"{self.folder} holds {self.n_tokens:,} rows, fewer than one batch of {batch_size:,}: "
+                             "lower the batch size (--batch-size) or harvest more tokens (--tokens).")
         keys = self._keys(hooks, with_tokens)
         single = isinstance(hooks, str) and not with_tokens
         for epoch in range(epochs):
@@ -162,9 +195,7 @@ class ActivationStore:
 
         entries = self.manifest["shards"]
         for e in entries:  # size check up front: a truncated shard fails before any batch is served
-            path = self.folder / e["file"]
-            if not path.exists() or path.stat().st_size != e["bytes"]:
-                load_shard(self.folder, e, keys[:1])  # raises CorruptFileError with the details
+            check_shard(self.folder, e, checksum=False)
         chunks = [(i, s, min(s + chunk_rows, e["rows"])) for i, e in enumerate(entries)
                   for s in range(0, e["rows"], chunk_rows)]
         g = torch.Generator().manual_seed(seed)
@@ -185,6 +216,7 @@ class ActivationStore:
             parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
             for i, s, e in group:
                 if i not in handles:
+                    self._check(entries[i])  # the sha256, once: in this background thread
                     handles[i] = safe_open(str(self.folder / entries[i]["file"]), framework="pt")
                 for k in keys:
                     parts[k].append(handles[i].get_slice(k)[s:e])

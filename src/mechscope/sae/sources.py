@@ -10,6 +10,7 @@ trainer, the metrics and feature statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
@@ -47,6 +48,14 @@ class BatchSource:
         """sqrt(d) / E‖x‖ from precomputed statistics, if the source has them."""
         return None
 
+    def data_identity(self) -> dict[str, Any]:
+        """JSON identity of the data (not of where it lies): a checkpoint resumes only on the same data."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The data in words, for messages ("store S (N tokens of corpus C, seed 0)")."""
+        raise NotImplementedError
+
 
 class TensorSource(BatchSource):
     """In-memory tensors: each epoch is a seeded permutation of the rows (last partial batch dropped)."""
@@ -74,6 +83,21 @@ class TensorSource(BatchSource):
             idx = order.rows(step)
             yield {k: t[idx.to(t.device)] for k, t in self.tensors.items()}
 
+    def data_identity(self) -> dict[str, Any]:
+        """Shapes, dtypes and the sha256 of up to 64 evenly spaced rows (cheap, and catches other data)."""
+        import hashlib
+
+        idx = torch.linspace(0, self.n - 1, min(64, self.n)).long()
+        h = hashlib.sha256()
+        for k in sorted(self.tensors):
+            rows = self.tensors[k][idx.to(self.tensors[k].device)].detach().cpu().contiguous()  # [<=64, d]
+            h.update(rows.view(torch.uint8).numpy().tobytes())  # raw bytes, whatever the dtype
+        return {"kind": "TensorSource", "shapes": {k: list(t.shape) for k, t in self.tensors.items()},
+                "dtypes": {k: str(t.dtype) for k, t in self.tensors.items()}, "sample_sha256": h.hexdigest()}
+
+    def describe(self) -> str:
+        return "tensors " + ", ".join(f"{k} {list(t.shape)}" for k, t in self.tensors.items())
+
 
 class StoreSource(BatchSource):
     """An ActivationStore: store.batches(seed=data_seed) over as many epochs as needed; resuming at step s
@@ -97,6 +121,18 @@ class StoreSource(BatchSource):
     def norm_scale(self, key: str) -> float | None:
         s = self.store.manifest.get("stats", {}).get(key, {})
         return s.get("norm_scale")
+
+    def data_identity(self) -> dict[str, Any]:
+        """The store's harvest key (its settings, model and text: what determines its bytes) and row count,
+        not its folder: a moved store still resumes, another corpus or seed does not."""
+        from mechscope.data.harvest import harvest_key
+
+        return {"kind": "StoreSource", "harvest": harvest_key(self.store.manifest), "tokens": self.store.n_tokens}
+
+    def describe(self) -> str:
+        c = self.store.config
+        return (f"store {self.store.folder} ({self.store.n_tokens:,} tokens of corpus {c.corpus!r}, split {c.split}, "
+                f"seed {c.seed}, context_len {c.context_len})")
 
 
 class StreamSource(BatchSource):
@@ -133,6 +169,20 @@ class StreamSource(BatchSource):
             if not one_pass and b[self.hooks[0]].shape[0] < self.batch_size:
                 return  # a partial last batch would change the loss scale
             yield {h: b[h].flatten(1) for h in self.hooks}
+
+    def data_identity(self) -> dict[str, Any]:
+        """The text and how it is cut (not n_tokens, which follows the step count)."""
+        from mechscope.steps import step_key
+
+        cfg = dataclasses.asdict(self.harvest_cfg)
+        cfg.pop("n_tokens")
+        text = self.contexts.describe() if self.contexts is not None else cfg["corpus"]
+        return {"kind": "StreamSource", "settings": step_key(cfg, {"text": text})}
+
+    def describe(self) -> str:
+        c = self.harvest_cfg
+        text = f"corpus {c.corpus!r}" if self.contexts is None else "the given contexts"
+        return f"activations streamed from {text} (seed {c.seed}, context_len {c.context_len})"
 
 
 def open_source(source: Any, *, batch_size: int, seed: int, n_tokens: int,
@@ -214,10 +264,10 @@ def check_coder_fits(model: Any, coder: SparseCoder, *, hook: str | None = None,
             from mechscope.models.identity import model_identity
 
             have_id = model_identity(model)
-    for key, want, what in ((hook_in, c.d_in, "d_in"), (hook_out, c.out_dim, "output width")):
+    for key, want, what in ((hook_in, c.d_in, "d_in"), (hook_out, c.out_dim, "d_out")):
         if key is not None and widths[key] != want:
-            raise InputError(f"{key} has width {widths[key]} (features per token) but the coder's {what} is "
-                             f"{want}: the coder belongs to another model or hook.")
+            raise InputError(f"{key} has width {widths[key]} (features per token) but the coder has {what}={want}: "
+                             "the coder belongs to another model or hook.")
     want_id = c.model_identity
     if want_id and have_id:
         for k in ("config_hash", "weights_fingerprint"):

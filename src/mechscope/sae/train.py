@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mechscope.errors import InputError, NonFiniteError
+from mechscope.errors import CheckpointMismatchError, InputError, NonFiniteError
 from mechscope.sae import distributed, kernels
 from mechscope.sae.coder import SparseCoder
 from mechscope.sae.config import SAEConfig
@@ -119,7 +120,8 @@ def train_many(source: Any, specs: list[TrainConfig | dict[str, Any]], *,
             barrier=torch.distributed.barrier if group is not None else None)  # one writer, the others wait
         trainers, start = _resume_or_init(cfgs, src, dev, ckpt)
         data_info: dict[str, Any] = {"kind": type(src).__name__, "seed": cfgs[0].data_seed,
-                                     "order": "a function of (seed, step): resume skips the batches served"}
+                                     "order": "a function of (seed, step): resume skips the batches served",
+                                     "description": src.describe()}
         if group is not None:
             data_info["world_size"] = group.world  # informational: any world size resumes it
         batches = src.batches(start.step)
@@ -182,14 +184,15 @@ def _prepare(source: Any, specs: list[TrainConfig | dict[str, Any]],
 
 def _identity(cfgs: list[TrainConfig], src: BatchSource) -> dict[str, Any]:
     """What a checkpoint resumes only: the same configs (`steps` may grow when the lr schedule does not
-    use it), the same kind of source and the same model."""
+    use it), the same data (BatchSource.data_identity: a store's content, a corpus and its cut, not a
+    path) and the same model."""
     configs = []
     for c in cfgs:
         d = c.to_dict()
         if c.decay == "constant" or c.decay_fraction == 0:
             d.pop("steps")
         configs.append(d)
-    return {"configs": configs, "data": {"kind": type(src).__name__}, "model": src.model_identity}
+    return {"configs": configs, "data": src.data_identity(), "model": src.model_identity}
 
 
 class _Coders:
@@ -216,6 +219,8 @@ class _Coders:
 def _resume_or_init(cfgs: list[TrainConfig], src: BatchSource, dev: torch.device,
                     ckpt: Checkpoint | None) -> tuple[list[Trainer], Progress]:
     """Trainers restored from the checkpoint (and its step and log), or fresh ones initialised from data."""
+    if ckpt is not None:
+        _check_same_data(ckpt, src)
     saved = ckpt.load() if ckpt is not None else None  # CheckpointMismatchError if it is another run
     if saved is None:
         trainers = [Trainer(c, SparseCoder(_coder_config(c, src, *keys), device=dev).init_weights(c.seed))
@@ -229,6 +234,22 @@ def _resume_or_init(cfgs: list[TrainConfig], src: BatchSource, dev: torch.device
         t.load_state_tensors(saved.tensors, f"{i}/", saved.extra["window_tokens"][i])
     restore_rng(saved)
     return trainers, Progress(saved.step, saved.log)
+
+
+def _check_same_data(ckpt: Checkpoint, src: BatchSource) -> None:
+    """CheckpointMismatchError naming both data sources when the checkpoint was trained on other data:
+    resuming would silently train one coder on two corpora."""
+    state = ckpt.saved_state()
+    if state is None:
+        return
+    saved = (state.get("identity") or {}).get("data")
+    if saved == ckpt.identity["data"]:
+        return
+    was = (state.get("data") or {}).get("description") or f"other data ({json.dumps(saved)})"
+    raise CheckpointMismatchError(
+        f"{ckpt.dir} holds a run (at step {state.get('step')}) trained on {was}, but this run reads "
+        f"{src.describe()}. Resume with the same --store / corpus and settings, or delete {ckpt.dir} (or "
+        "choose another --checkpoint-dir) to start over.")
 
 
 def _nan_error(i: int, t: Trainer, step: int, e: Exception, ckpt: Checkpoint | None) -> NonFiniteError:
@@ -315,6 +336,9 @@ def _init_from_data(trainers: list[Trainer], src: BatchSource, dev: torch.device
         n += next(iter(batch.values())).shape[0]
         if n >= INIT_SAMPLE_ROWS:
             break
+    if n == 0:
+        raise InputError("The source served no full batch to start training from: lower the batch size or "
+                         "give more data (more --tokens, a longer corpus).")
     sample = {k: torch.cat(v).to(dev) for k, v in rows.items()}
     for t, (key_in, key_out) in zip(trainers, src.keys, strict=True):
         c, sc = t.cfg, t.coder.cfg

@@ -10,7 +10,8 @@ from mechscope.viz.plots import (
     lens_table,
     lens_table_from_result,
     patching_heatmap,
+    probe_sweep_curve,
 )
 
 __all__ = ["DPI", "Plot", "circuit_graph", "dla_bars", "head_grid", "lens_kl_curve", "lens_table",
-           "lens_table_from_result", "patching_heatmap"]
+           "lens_table_from_result", "patching_heatmap", "probe_sweep_curve"]

@@ -636,3 +636,45 @@ def dla_bars(dla: Any, top: int = 20, *, prompt: int | None = None, title: str =
 
 __all__ = ["DPI", "PLOT_STYLE", "Plot", "circuit_graph", "dla_bars", "head_grid", "lens_kl_curve", "lens_table",
            "lens_table_from_result", "patching_heatmap", "render_png"]
+
+
+# ============================================================================ probe layer sweep
+
+
+def probe_sweep_curve(sweep: Any, *, title: str | None = None) -> Plot:
+    """Probe AUROC per layer (a probes.Sweep): the cross-validated AUROC and, if the sweep was scored on a
+    held-out set, the test AUROC; chance (0.5) dotted, the best layer marked."""
+    if not hasattr(sweep, "auroc") or not hasattr(sweep, "layers"):
+        raise InputError(f"probe_sweep_curve needs a probes.Sweep, got {type(sweep).__name__}.")
+    labels = [str(v) for v in sweep.layers]
+    series = {"cross-validated AUROC": _array(sweep.auroc, "Sweep.auroc", (1,))}
+    if getattr(sweep, "test_auroc", None) is not None:
+        series["held-out AUROC"] = _array(sweep.test_auroc, "Sweep.test_auroc", (1,))
+    for name, s in series.items():
+        if s.shape[0] != len(labels):
+            raise InputError(f"{name} has {s.shape[0]} values for {len(labels)} layers.")
+    best = int(sweep.best_index)
+    title = title or f"Probe AUROC per layer ({sweep.method}, position {sweep.position!r})"
+
+    def build() -> Figure:
+        fig = _new_figure(min(14.0, max(5.0, 2.0 + 0.22 * len(labels))), 3.6)
+        ax = fig.add_subplot()
+        x = np.arange(len(labels))
+        for (name, s), style in zip(series.items(), ("o-", "s--")):
+            ax.plot(x, s, style, label=name, markersize=4, linewidth=1.5)
+        ax.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance")
+        ax.axvline(best, color=_POS, linestyle="--", linewidth=0.8, alpha=0.6,
+                   label=f"best: layer {labels[best]} ({float(sweep.auroc[best]):.3f})")
+        _set_ticks(ax, "x", labels, 12)
+        ax.set_ylim(min(0.4, float(np.nanmin([np.nanmin(s) for s in series.values()])) - 0.02), 1.02)
+        ax.set_xlabel("layer (residual read)")
+        ax.set_ylabel("AUROC")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        return fig
+
+    data = {"kind": "probe_sweep", "labels": labels, "hooks": list(getattr(sweep, "hooks", [])),
+            "series": {k: _jsonable(v) for k, v in series.items()}, "best_layer": int(sweep.layers[best]),
+            "method": sweep.method, "position": sweep.position}
+    return Plot(_plot(build), data, title)
