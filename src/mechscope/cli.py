@@ -19,6 +19,8 @@
                                   FVE, L0, dead %, CE loss recovered (zero and mean ablation)
     mechscope probe --dataset cities|sentiment|... [--data FILE.jsonl] [--hook H] --out DIR
                                   layer sweep of probe AUROC (or one probe with --hook); saves probe + plot
+    mechscope trace "PROMPT" --subject S [--kind resid|mlp|attn] --out DIR
+                                  causal tracing (Meng et al. 2022): indirect-effect heatmap PNG + JSON
 """
 
 from __future__ import annotations
@@ -321,6 +323,51 @@ def probe_command(args) -> dict:
 
 
 # ---------------------------------------------------------------------------- parser
+# ---------------------------------------------------------------------------- mechscope trace (causal tracing)
+def trace_command(args, out=None) -> dict:
+    """`mechscope trace`: trace one prompt, write DIR/trace_{kind}.png (+ .json plot data) and
+    DIR/trace_{kind}.trace.json, print the peak."""
+    import torch
+
+    from mechscope.circuits.causal_trace import causal_trace
+    from mechscope.models.loading import load_model
+
+    out = out or sys.stdout
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, device=args.device)
+    target = args.target
+    t0 = time.perf_counter()
+    t = causal_trace(model, args.prompt, args.subject, args.kind, target=target, samples=args.samples,
+                     noise=args.noise, window=args.window, seed=args.seed)
+    png, js = t.save(args.out)
+    layer, pos, value = t.peak
+    print(f"traced {args.kind} ({len(t.layers)} layers x {len(t.tokens)} positions, {args.samples} noise samples) "
+          f"in {time.perf_counter() - t0:.1f}s; target {t.target_str!r}: P(clean) {t.p_clean:.3f}, "
+          f"P(corrupted) {t.p_corrupted:.3f}", file=out)
+    if t.note:
+        print(f"note: {t.note}", file=out)
+    print(f"peak indirect effect {value:.3f} at layer {layer}, token {pos} {t.tokens[pos]!r}", file=out)
+    print(f"wrote {png} and {js}", file=out)
+    return t.to_dict()
+
+
+def _add_trace_parser(sub) -> None:
+    tr = sub.add_parser("trace", help="causal tracing of a fact: where is it recalled? (heatmap PNG + JSON)")
+    tr.add_argument("prompt", help='the start of a fact, e.g. "The Eiffel Tower is located in the city of"')
+    tr.add_argument("--subject", required=True, help="the subject as written in the prompt (its tokens are noised)")
+    tr.add_argument("--kind", default="resid", choices=["resid", "mlp", "attn"],
+                    help="restore the residual stream, or windows of MLP / attention outputs")
+    tr.add_argument("--out", required=True, help="folder for trace_{kind}.png / .json")
+    tr.add_argument("--model", default=DEFAULT_MODEL)
+    tr.add_argument("--target", default=None, help="answer to trace (default: the model's greedy next token)")
+    tr.add_argument("--samples", type=int, default=10, help="noise draws averaged (default 10, as in the paper)")
+    tr.add_argument("--noise", type=float, default=3.0, help="noise std in units of the embedding std")
+    tr.add_argument("--window", type=int, default=None, help="layers restored together (default 1 resid, 10 mlp/attn)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    tr.add_argument("--device", default=None)
+# ---------------------------------------------------------------------------- end of mechscope trace
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -417,6 +464,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
 
     _add_probe_parser(sub)
+    _add_trace_parser(sub)
     return parser
 
 
@@ -449,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             dashboards_command(args)
         elif args.command == "probe":
             probe_command(args)
+        elif args.command == "trace":
+            trace_command(args)
     except MechscopeError as e:
         if debug:
             raise

@@ -99,6 +99,10 @@ class PromptMismatchError(InputError):
     """Clean and corrupted prompts that cannot be compared position by position (different lengths)."""
 
 
+class SubjectNotFoundError(InputError):
+    """Causal tracing: the subject does not occur in the prompt (the message shows the prompt's tokens)."""
+
+
 class MetricError(InputError):
     """A user metric returned something other than a finite scalar (or one value per batch row)."""
 

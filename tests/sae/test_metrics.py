@@ -74,7 +74,7 @@ def test_evaluate_on_tensors_matches_direct_sums():
     want = acc.result()
     assert r.n_tokens == 300 and r.fve == pytest.approx(want.fve, rel=1e-9) and r.l0 == 2.0
     assert M.evaluate(c, x, n_tokens=100, batch_size=64).n_tokens == 100
-    with pytest.raises(InputError, match="coder's d_in"):
+    with pytest.raises(InputError, match="coder has d_in=8"):
         M.evaluate(c, torch.randn(10, 9))
 
 

@@ -9,6 +9,8 @@
                               task.metric).table()                # faithfulness, completeness x 3 ablations
     circuits.head_scores(model, "induction")                      # [n_layers, n_heads]
     circuits.logit_lens(model, tokens).kl_to_final                # [n_layers + 1]
+    t = circuits.causal_trace(model, "The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
+                              kind="mlp")                          # t.effects [n_layers, pos] (Meng et al.)
 """
 
 from mechscope.circuits import tasks
@@ -22,6 +24,7 @@ from mechscope.circuits.attribution import (
     faithfulness_curve,
     run_with_edges,
 )
+from mechscope.circuits.causal_trace import AverageTrace, CausalTrace, average_traces, causal_trace
 from mechscope.circuits.dla import DLAResult, direct_logit_attribution
 from mechscope.circuits.graph import Graph, GraphShape
 from mechscope.circuits.heads import KINDS, detect_heads, head_scores
@@ -53,5 +56,5 @@ __all__ = [
     "GraphShape", "KINDS", "detect_heads", "head_scores", "LensResult", "LensTable", "TunedLens", "decode_resid",
     "evaluate_lenses", "logit_lens", "KLDivergence", "LogitDiff", "TokenProb", "activation_patching",
     "align_prompts", "patch_attn_out", "patch_block_components", "patch_head_components", "patch_head_out",
-    "patch_mlp_out", "patch_resid",
+    "patch_mlp_out", "patch_resid", "AverageTrace", "CausalTrace", "average_traces", "causal_trace",
 ]
