@@ -643,7 +643,6 @@ def test_defect5_harvest_key_ignores_the_name():
     assert harvest_key(m) == harvest_key(m | {"config": {"n_tokens": 1, "separator": "eos"}})
 
 
-@pytest.mark.slow
 def test_defect10_report_ioi_on_a_small_model_clamps_the_circuit(ctx, tmp_path, capsys):
     """circuit_edges larger than the tiny model's graph: the report keeps every edge, says so, continues."""
     page = _report_cfg(ctx, tmp_path / "rep", circuit_edges=100_000, tokens=4096)
