@@ -31,6 +31,7 @@ import time
 
 from mechscope.errors import MechscopeError
 from mechscope.options import add_options, config_from_args
+from mechscope.validate import count, finite_float, positive_int, writable_dir
 
 DEFAULT_MODEL = "smollm2"
 PARITY_PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to"]
@@ -51,11 +52,16 @@ def inspect_model(name: str, parity: bool = True, out=None) -> dict:
     import torch
 
     out = out or sys.stdout
-    from mechscope.models.loading import from_pretrained, native_config, resolve_folder
+    from mechscope.models.loading import load_model, native_config, resolve_folder
 
     t0 = time.perf_counter()
-    folder = resolve_folder(name)
-    model = from_pretrained(name)
+    if str(name).lower().endswith(".gguf"):  # what harvest and report accept, inspect accepts
+        from mechscope.models.gguf import cached_hf_folder_for_gguf
+
+        folder = cached_hf_folder_for_gguf(name)  # the converted folder: transformers' parity reference
+    else:
+        folder = resolve_folder(name)
+    model = load_model(name)
     if native_config(folder) is not None:
         parity = False  # a native folder (zoo, processed model): transformers has no reference for it
     load_s = time.perf_counter() - t0
@@ -112,21 +118,22 @@ def harvest_command(args) -> dict:
     """`mechscope harvest`: load the model, harvest (or resume) into --out, print a summary."""
     import torch
 
-    from mechscope.data.harvest import harvest
+    from mechscope.data.harvest import HarvestConfig, harvest
     from mechscope.data.store import ActivationStore
     from mechscope.models.loading import load_model
 
+    cfg = config_from_args(HarvestConfig, args)  # counts checked here, the output folder next: before the model
+    writable_dir(args.out, what="activation store folder")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.model_dtype]
     model = load_model(args.model, device=args.device, dtype=dtype)
-    from mechscope.data.harvest import HarvestConfig
-
-    cfg = config_from_args(HarvestConfig, args)
+    cfg = _fit_special_tokens(cfg, model)
     contexts = None
     if args.field != "text":
         from mechscope.data.packing import contexts as make_contexts
 
         contexts = make_contexts(cfg.corpus, model.require_tokenizer(), cfg.context_len, seed=cfg.seed,
-                                 split=cfg.split, field=args.field, prepend_bos=cfg.prepend_bos)
+                                 split=cfg.split, field=args.field, prepend_bos=cfg.prepend_bos,
+                                 separator=cfg.separator)
     t0 = time.perf_counter()
     harvest(model, cfg, args.out, contexts=contexts, progress=not args.no_progress, overwrite=args.overwrite)
     seconds = time.perf_counter() - t0
@@ -141,6 +148,25 @@ def harvest_command(args) -> dict:
     return {"tokens": store.n_tokens, "shards": len(store.shards), "seconds": seconds}
 
 
+def _fit_special_tokens(cfg, model):
+    """The CLI has no --bos-token-id: for a tokenizer without BOS (BERT's, e.g. minilm) contexts start without
+    one, and without EOS documents are packed with no separator -- said in a note, not an error about options
+    the command line does not have."""
+    import dataclasses
+
+    tok = model.require_tokenizer()
+    changes = {}
+    if cfg.prepend_bos and getattr(tok, "bos_token_id", None) is None:
+        changes["prepend_bos"] = False
+    if cfg.separator == "eos" and getattr(tok, "eos_token_id", None) is None:
+        changes["separator"] = "none"
+    if changes:
+        print(f"note       {type(tok).__name__} has no {'BOS' if 'prepend_bos' in changes else 'EOS'} token"
+              f"{' nor EOS' if len(changes) == 2 else ''}: harvesting with {changes}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, **changes)
+    return cfg
+
+
 def zoo_command(args) -> None:
     from mechscope import zoo
 
@@ -148,6 +174,7 @@ def zoo_command(args) -> None:
         for name, recipe in zoo.RECIPES.items():
             print(f"{name:14s} {recipe.description}")
         return
+    writable_dir(args.out, what="zoo model folder")
     out = zoo.train(args.name, args.out, seed=args.seed, progress=not args.no_progress)
     print(f"saved      {out}")
 
@@ -178,6 +205,7 @@ def train_sae_command(args) -> dict:
     from mechscope.sae import io
     from mechscope.sae.train import train
 
+    _check_train_args(args)  # every count and the output folders, before the model loads and trains
     model = load_model(args.model, device=args.device, dtype=_model_dtype(args.model_dtype))
     store = ActivationStore.open(args.store, model) if args.store else None
     source = store if store is not None else (model, args.hook, args.corpus)
@@ -200,6 +228,26 @@ def train_sae_command(args) -> dict:
     return _print_eval(coder, model, source, args.eval_tokens, args.eval_contexts, store)
 
 
+def _check_eval_args(args) -> None:
+    positive_int("--eval-tokens", args.eval_tokens)
+    positive_int("--eval-contexts", args.eval_contexts)
+
+
+def _check_train_args(args) -> None:
+    for dest in ("latents", "k", "steps", "batch_size"):
+        positive_int("--" + dest.replace("_", "-"), getattr(args, dest))
+    count("--resample-every", args.resample_every)
+    positive_int("--checkpoint-every", args.checkpoint_every)
+    finite_float("--checkpoint-seconds", args.checkpoint_seconds)
+    for dest in ("lr", "l1_coeff", "l0_coeff"):
+        if getattr(args, dest) is not None:
+            finite_float("--" + dest.replace("_", "-"), getattr(args, dest), positive=dest == "lr")
+    _check_eval_args(args)
+    writable_dir(args.out, what="SAE folder")
+    if args.checkpoint_dir:
+        writable_dir(args.checkpoint_dir, flag="--checkpoint-dir", what="checkpoint folder")
+
+
 def _checkpoint_seconds(args) -> float | None:
     """--checkpoint-seconds, off (None) when 0 or under torchrun (ranks must agree on when to save)."""
     import os
@@ -214,6 +262,7 @@ def eval_sae_command(args) -> dict:
     from mechscope.models.loading import load_model
     from mechscope.sae import io
 
+    _check_eval_args(args)
     model = load_model(args.model, device=args.device, dtype=_model_dtype(args.model_dtype))
     coder = io.load(args.sae, device=args.device)
     store = ActivationStore.open(args.store, model) if args.store else None
@@ -231,6 +280,9 @@ def report_command(args) -> None:
 def dashboards_command(args) -> None:
     from mechscope.features.pipeline import feature_dashboards
 
+    for dest in ("tokens", "score_tokens", "pages"):
+        positive_int("--" + dest.replace("_", "-"), getattr(args, dest))
+    writable_dir(args.out, what="dashboards folder")
     index = feature_dashboards(args.sae, args.model, args.out, corpus=args.corpus, tokens=args.tokens,
                                score_tokens=args.score_tokens, n_pages=args.pages, seed=args.seed,
                                device=args.device, progress=not args.no_progress)
@@ -324,7 +376,8 @@ def _parser() -> argparse.ArgumentParser:
     from mechscope.data.harvest import HarvestConfig
     from mechscope.report.pipeline import ReportConfig
 
-    parser = argparse.ArgumentParser(prog="mechscope", description="Mechanistic interpretability toolkit.")
+    parser = argparse.ArgumentParser(prog="mechscope", description="Mechanistic interpretability toolkit.",
+                                     epilog="Errors print one line and exit 2; add --debug to see the traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="load a model and print config, hook names/shapes and parity vs transformers")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -416,7 +469,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; returns the exit status. A typed mechscope error (bad input, unwritable output,
+    mismatched artifacts) or a misused option prints one line and returns 2; --debug (anywhere on the line)
+    shows the traceback instead. Any other exception is a bug and keeps its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed usage and one error line (or --help): return, do not exit
+        return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "inspect":
             summary = inspect_model(args.model, parity=not args.no_parity)
@@ -438,8 +500,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "trace":
             trace_command(args)
     except MechscopeError as e:
+        if debug:
+            raise
         print(f"mechscope: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mechscope: interrupted (a rerun of the same command resumes where it can)", file=sys.stderr)
+        return 130
     return 0
 
 

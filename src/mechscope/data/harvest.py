@@ -30,9 +30,10 @@ import torch
 from mechscope.data.stats import RunningStats
 from mechscope.errors import CorruptFileError, InputError, StoreMismatchError, StoreWriteError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json, remove_temp_files
-from mechscope.models.identity import model_identity, same_model
+from mechscope.models.identity import content_identity, model_identity, same_model
 from mechscope.options import option
 from mechscope.steps import step_key
+from mechscope.validate import count, positive_int, writable_dir
 
 FORMAT = "mechscope.activations"
 VERSION = 1
@@ -59,14 +60,18 @@ class HarvestConfig:
     split: str = option("train", help="corpus split")
     seed: int = option(0, help="shuffles the corpus' document order")
     prepend_bos: bool = option(True, cli=False)
+    separator: str = option("eos", help="token between packed documents (none for tokenizers without EOS)",
+                            choices=("eos", "bos", "none"))
 
     def __post_init__(self) -> None:
         if isinstance(self.hooks, str):
             self.hooks = [h for h in self.hooks.split(",") if h]
         if not self.hooks:
             raise InputError("Give at least one hook name to harvest, e.g. blocks.6.hook_resid_post.")
-        if self.n_tokens <= 0 or self.context_len <= 1 or self.batch_size <= 0 or self.shard_tokens <= 0:
-            raise InputError("n_tokens, batch_size and shard_tokens must be positive and context_len > 1.")
+        positive_int("n_tokens", self.n_tokens, flag="--tokens")
+        count("context_len", self.context_len, min=2, flag="--context-len")
+        positive_int("batch_size", self.batch_size, flag="--batch-size")
+        positive_int("shard_tokens", self.shard_tokens, flag="--shard-tokens")
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
 
@@ -306,7 +311,8 @@ def harvest(model, cfg: HarvestConfig, out: str | Path, *, contexts=None, progre
     check_hooks(model, cfg.hooks)
     if contexts is None:
         contexts = make_contexts(cfg.corpus, model.require_tokenizer(), cfg.context_len, seed=cfg.seed,
-                                 split=cfg.split, prepend_bos=cfg.prepend_bos)
+                                 split=cfg.split, prepend_bos=cfg.prepend_bos, separator=cfg.separator)
+    writable_dir(out, what="activation store folder")  # before the model runs, not after the first shard
     manifest = {
         "format": FORMAT, "version": VERSION, "config": asdict(cfg), "model": model_identity(model),
         "source": contexts.describe(), "hook_shapes": {}, "shards": [], "tokens": 0, "contexts": 0,
@@ -348,14 +354,22 @@ def harvest_key(manifest: dict[str, Any]) -> str:
     """The harvest as a cached step (mechscope.steps): its settings (the HarvestConfig) and the identity of
     its inputs (the model, whole: a bf16 run writes other bytes than an fp32 one; the packed text source).
     A store resumes only into the same key."""
-    return step_key(manifest["config"], {"model": manifest["model"], "source": manifest["source"]})
+    return step_key(_key_config(manifest["config"]), {"model": content_identity(manifest["model"]),
+                                                      "source": manifest["source"]})
+
+
+def _key_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a key hashes; `separator` only when not the default, so stores harvested before the
+    option existed keep their key."""
+    return {k: v for k, v in config.items() if not (k == "separator" and v == "eos")}
 
 
 def _resume_state(out: Path, fresh: dict[str, Any]) -> tuple[dict[str, Any], dict[str, RunningStats]]:
     old = read_manifest(out)
     if harvest_key(old) != harvest_key(fresh):  # another step: say which part differs
-        for key in ("config", "model", "source"):
-            if step_key(old[key]) != step_key(fresh[key]):
+        parts = {"config": _key_config, "model": content_identity, "source": lambda d: d}
+        for key, part in parts.items():
+            if step_key(part(old[key])) != step_key(part(fresh[key])):
                 diff = {k: (old[key].get(k), v) for k, v in fresh[key].items() if old[key].get(k) != v}
                 raise StoreMismatchError(
                     f"{out} holds a harvest with different {key} settings ({diff}); to resume, use the same "

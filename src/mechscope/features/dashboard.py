@@ -421,10 +421,10 @@ def pick_rows(stats: Any, features: Any, max_pages: int) -> list[int]:
     max_pages), or, with features=None, every live latent in latent order (the max_pages most frequent,
     with a warning, when there are more). Shared by the dashboards and the Neuronpedia export so both
     show the same features."""
+    if not isinstance(max_pages, int) or max_pages < 1:  # checked first: a count, before any work
+        raise InputError(f"max_pages must be an int >= 1, got {max_pages!r}.")
     lat = stats.features.tolist()
     row_of = {f: r for r, f in enumerate(lat)}
-    if not isinstance(max_pages, int) or max_pages < 1:
-        raise InputError(f"max_pages must be an int >= 1, got {max_pages!r}.")
     if features is None:
         live = (stats.count > 0).nonzero().flatten()  # [L] rows
         if live.numel() > max_pages:

@@ -23,6 +23,7 @@ import torch
 
 from mechscope.fileio import atomic_write_json
 from mechscope.steps import done, mark_done, step_key
+from mechscope.validate import count, positive_int, writable_dir
 
 STEP_FILE = "steps.json"  # the explain + score step's record (mechscope.steps)
 
@@ -55,8 +56,11 @@ def analyse_features(model, coder, out: str | Path, *, corpus: Any = "sotu", tok
     )
     from mechscope.features.stats import feature_stats
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    for name, v in (("tokens", tokens), ("score_tokens", score_tokens), ("batch_size", batch_size),
+                    ("n_pages", n_pages)):
+        positive_int(name, v)  # a negative count would be a slice: pages[:-1] is all pages but one
+    count("context_len", context_len, min=2)
+    out = writable_dir(out, flag=None, what="features folder")
     stats = feature_stats(model, coder, corpus, tokens=tokens, context_len=context_len, batch_size=batch_size,
                           seed=seed, out=out / "stats", progress=progress)
     # explanations + scores are one step: its settings, and the identity of its input (the statistics' settings)
@@ -107,6 +111,8 @@ def feature_dashboards(sae: str | Path, model: str, out: str | Path, **kw: Any) 
     from mechscope.sae import io
 
     device = kw.pop("device", None)
+    writable_dir(out, flag=None, what="dashboards folder")  # before loading anything
+    positive_int("n_pages", kw.get("n_pages", 1000))
     m = load_model(model, device=device)
     coder = io.load(sae, device=device)
     summary = analyse_features(m, coder, out, n_pages=kw.pop("n_pages", 1000), **kw)

@@ -30,6 +30,12 @@ def model_identity(model) -> dict[str, Any]:
     }
 
 
+def content_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """`identity` without the name the model was loaded under ("smollm2", "./m/", "/cache/gguf-..."): what a
+    cache key may hash, so the same model named by another path string is the same input."""
+    return {k: v for k, v in identity.items() if k != "name"}
+
+
 def same_model(want: dict[str, Any], have: dict[str, Any]) -> str | None:
     """None if two identities are the same model (same config, weights and processing), else the first
     differing key."""

@@ -50,7 +50,8 @@ def resolve_folder(name_or_dir: str | os.PathLike) -> Path:
             raise ModelNotFoundError(f"{path} has no config.json; it is not a Hugging Face model folder.")
         return path
     if path.suffix == ".gguf":
-        raise InputError(f"{path} is a GGUF file: use HookedTransformer.from_gguf({str(path)!r}).")
+        raise InputError(f"{path} is a GGUF file: load it with mechscope.models.loading.load_model or "
+                         f"HookedTransformer.from_gguf({str(path)!r}) (the command line accepts .gguf paths).")
     if name.count("/") == 1 and not path.exists():
         try:
             from huggingface_hub import snapshot_download
@@ -82,8 +83,13 @@ def native_config(folder: Path) -> dict | None:
 def _hf_config(folder: Path):
     from transformers import AutoConfig
 
+    from mechscope.models.families import check_supported
+
+    raw = json.loads((folder / "config.json").read_text())  # valid JSON: native_config read it first
+    if isinstance(raw, dict):
+        check_supported(raw, f"{folder}/config.json")
     try:
-        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except ValueError as e:  # unknown model_type
         from mechscope.errors import UnsupportedArchitectureError
         from mechscope.models.families import supported_architectures
@@ -114,7 +120,15 @@ def build(cfg: ModelConfig, weights: Weights, converter, *, device=None, dtype=t
     with torch.device("meta"):
         model = HookedTransformer(cfg, tokenizer=tokenizer)
     sd, adopted = {}, set()
-    for name, t in converter.convert_weights(cfg, weights).items():
+    try:
+        converted = converter.convert_weights(cfg, weights)
+    except CorruptFileError as e:  # say what the config implied: a field missing from config.json is defaulted
+        raise CorruptFileError(
+            f"{e} config.json implies {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads and a "
+            f"vocabulary of {cfg.d_vocab}; a field missing from config.json (num_hidden_layers, hidden_size, ...) "
+            "takes the transformers default, so check that config.json is complete and belongs to these weights."
+        ) from e
+    for name, t in converted.items():
         # file views are adopted where they already fit (no copy); tensors of an in-memory model are
         # always copied, so we never share storage with it. A second parameter on the same memory
         # gets its own copy: parameters must not alias unless tied on purpose (below).
@@ -129,8 +143,10 @@ def build(cfg: ModelConfig, weights: Weights, converter, *, device=None, dtype=t
     missing, unexpected = expected - set(sd), set(sd) - expected
     if missing or unexpected:
         raise CorruptFileError(
-            f"Converted weights do not match the model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}."
+            f"The weights do not match what config.json describes ({cfg.n_layers} layers, d_model {cfg.d_model}, "
+            f"{cfg.n_heads} heads): the model expects tensors {sorted(missing)[:5]} that the weights lack, and the "
+            f"weights hold {sorted(unexpected)[:5]} that it does not expect. Check config.json (a missing field "
+            "such as num_hidden_layers falls back to a transformers default) or the weight files."
         )
     for name, t in sd.items():  # shape check with a clear message before assigning
         want = model.get_parameter(name).shape

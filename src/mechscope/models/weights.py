@@ -16,6 +16,7 @@ does) is safe, truncating it in place while a model uses it is not.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -131,7 +132,8 @@ def _torch_bin_loaders(files: list[Path]) -> dict[str, Callable[[], torch.Tensor
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            # mmap (no copy) needs the zip format; a legacy (torch < 1.6) .bin is read whole, still weights_only
+            part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:  # UnpicklingError for unsafe content, RuntimeError for corrupt zips
             raise CorruptFileError(
                 f"Refused to load {f}: it is not a plain tensor checkpoint ({type(e).__name__}: "

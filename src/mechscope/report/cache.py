@@ -16,16 +16,17 @@ deleted before the stage runs again (it is ours: report.json says so).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mechscope.errors import ArtifactMismatchError, OutputNotWritableError
+from mechscope.errors import ArtifactMismatchError
 from mechscope.fileio import atomic_write_json
+from mechscope.models.identity import same_model
 from mechscope.steps import done, forget, mark_done
+from mechscope.validate import writable_dir
 
 REPORT_FILE = "report.json"
 STAGE_FILE = "stage.json"
@@ -34,14 +35,7 @@ KEY_FILE = ".stage_key"
 
 def check_writable(out: Path) -> None:
     """Create `out` (and parents) and prove a file can be written there, before hours of work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise OutputNotWritableError(f"Cannot write the report folder {str(out)!r} ({e.strerror or e}); choose "
-                                     "another --out or fix its permissions.") from e
+    writable_dir(out, what="report folder")
 
 
 class ReportFolder:
@@ -58,7 +52,8 @@ class ReportFolder:
                 old = json.loads(meta.read_text())["model_identity"]
             except (ValueError, KeyError, TypeError):
                 old = None
-            if old != identity:
+            # the model by content (config + weights), never by the path string it was named with
+            if not isinstance(old, dict) or same_model(old, identity) is not None:
                 if not overwrite:
                     was = old.get("name") if isinstance(old, dict) else "an unreadable report.json"
                     raise ArtifactMismatchError(

@@ -165,9 +165,13 @@ def _ioi(model, folder: Path, cfg: ReportConfig) -> dict[str, Any]:
     patching_heatmap(resid, x_labels=labels, normalized=True,
                      title="IOI: patch the residual stream per layer and position").save(folder / "ioi_resid.png")
     graph = edge_attribution(model, clean, corr, metric, method=cfg.circuit_method, steps=5)
-    circuit = graph.top_k_edges(cfg.circuit_edges)
+    n_edges = min(cfg.circuit_edges, graph.n_real_edges)  # a small model has fewer edges than asked for
+    if n_edges < cfg.circuit_edges:
+        _log(f"[ioi] note: --circuit-edges {cfg.circuit_edges} is more than this model's graph has; keeping all "
+             f"{n_edges} edges")
+    circuit = graph.top_k_edges(n_edges)
     circuit.save(folder / "circuit.safetensors")
-    circuit_graph(circuit, title=f"IOI circuit ({cfg.circuit_method.upper()}, top {cfg.circuit_edges} edges)",
+    circuit_graph(circuit, title=f"IOI circuit ({cfg.circuit_method.upper()}, top {n_edges} edges)",
                   max_edges=80).save(folder / "ioi_circuit.png")
     ev = evaluate_circuit(model, circuit, clean, corr, metric, ablations=("resample",))
     flat = heads.flatten()
@@ -177,7 +181,7 @@ def _ioi(model, folder: Path, cfg: ReportConfig) -> dict[str, Any]:
             "example_corrupted": task.corrupted_prompts[0] if task.corrupted_prompts else None,
             "logit_diff_clean": float(m_clean), "logit_diff_corrupted": float(m_corr),
             "top_heads": [[f"L{int(i) // H}H{int(i) % H}", float(flat[i])] for i in top],
-            "circuit": ev.to_dict(), "top_nodes": [[n, float(v)] for n, v in circuit.top_nodes(10)]}
+            "circuit": ev.to_dict(), "circuit_edges": n_edges, "top_nodes": [[n, float(v)] for n, v in circuit.top_nodes(10)]}
 
 
 def _harvest(model, folder: Path, cfg: ReportConfig, hook: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mechscope.errors import InputError, NonFiniteError
+from mechscope.validate import count, positive_int
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens is "dense"
 DENSITY_BINS = torch.linspace(-8, 0, 33, dtype=torch.float64)  # log10 firing frequency bin edges
@@ -171,6 +172,8 @@ def evaluate(coder, source: Any, *, n_tokens: int = 100_000, batch_size: int = 4
     """
     from mechscope.sae.sources import check_coder_fits, open_source
 
+    n_tokens = positive_int("n_tokens", n_tokens)  # a negative count would be a slice: x[:-5]
+    batch_size = positive_int("batch_size", batch_size)
     hook_in = hook or coder.cfg.hook_in
     hook_out = target_hook or coder.cfg.hook_out or hook_in
     src = open_source(source, batch_size=batch_size, seed=seed, n_tokens=n_tokens,
@@ -272,6 +275,9 @@ def splice_metrics(coder, model, hook: str | None = None, contexts: Any = None, 
     [d_out], else `store.stats(hook)["mean"]`, else computed over the same contexts first).
     contexts: LongTensor [N, T], a PackedContexts, or None for the built-in "sotu" validation split.
     """
+    n_contexts = positive_int("n_contexts", n_contexts)
+    batch_size = positive_int("batch_size", batch_size)
+    count("context_len", context_len, min=2)
     hook_in = hook or coder.cfg.hook_in
     hook_out = target_hook or coder.cfg.hook_out or hook_in
     if hook_in is None:

@@ -18,6 +18,7 @@ from mechscope.config_io import from_dict
 from mechscope.errors import InputError
 from mechscope.sae.config import ARCHS, TOPK_FAMILY
 from mechscope.training import DECAYS, scheduled_lr
+from mechscope.validate import finite_float
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
@@ -86,6 +87,9 @@ class TrainConfig:
             raise InputError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}.")
         if not 0 <= self.decay_fraction <= 1 or (self.lr is not None and self.lr <= 0):
             raise InputError("need 0 <= decay_fraction <= 1 and lr > 0.")
+        for name in ("lr", "l1_coeff", "l0_coeff"):  # nan passes every comparison above: refuse it by name
+            if getattr(self, name) is not None:
+                finite_float(name, getattr(self, name))
         for name in ("warmup_steps", "sparsity_warmup_steps", "dead_window_tokens", "k_aux", "resample_every"):
             v = getattr(self, name)
             if v is not None and v < 0:

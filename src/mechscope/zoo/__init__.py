@@ -22,6 +22,7 @@ from typing import Any
 
 from mechscope.errors import CorruptFileError, InputError, ModelNotFoundError
 from mechscope.training import CHECKPOINT_DIR
+from mechscope.validate import writable_dir
 from mechscope.zoo.induction import InductionConfig, induction_score, prev_token_score, train_induction
 from mechscope.zoo.modadd import ModAddConfig, fourier_embedding_norms, modadd_accuracy, train_modadd
 from mechscope.zoo.settings import apply_overrides
@@ -58,8 +59,7 @@ def train(name: str, out: str | os.PathLike, *, seed: int = 0, progress: bool = 
     if recipe is None:
         raise InputError(f"Unknown zoo recipe {name!r}; recipes: {', '.join(RECIPES)}.")
     config = apply_overrides(recipe.config(), overrides)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out, what="zoo model folder")  # checked before training, not at the save
     return recipe.run(config, out, seed=seed, progress=progress, stop_after=stop_after)
 
 

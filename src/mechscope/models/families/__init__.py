@@ -29,6 +29,24 @@ def supported_architectures() -> list[str]:
     return sorted(a for m in _modules() for a in m.ARCHITECTURES)
 
 
+def supported_model_types() -> list[str]:
+    return sorted(t for m in _modules() for t in m.MODEL_TYPES)
+
+
+def check_supported(raw_config: dict[str, Any], where: str) -> None:
+    """Refuse a config.json (as a plain dict) whose architecture no converter handles -- before transformers
+    reads it, which for an unknown or remote-code family means a raw error, a config dump or even an
+    interactive 'run custom code? [y/N]' prompt."""
+    archs = list(raw_config.get("architectures") or [])
+    model_type = raw_config.get("model_type")
+    if any(a in supported_architectures() for a in archs) or model_type in supported_model_types():
+        return
+    name = ", ".join(archs) or repr(model_type) or "none given"
+    raise UnsupportedArchitectureError(
+        f"{where} describes a {name} model (model_type {model_type!r}), an architecture mechscope does not "
+        f"support. Supported: {', '.join(supported_architectures())}.")
+
+
 def converter_for(hf_config: Any) -> ModuleType:
     """The converter module for an HF config, by `architectures` first, then `model_type`."""
     archs = list(getattr(hf_config, "architectures", None) or [])

@@ -19,6 +19,7 @@ from mechscope.sae.coder import SparseCoder
 from mechscope.sae.io import dictionary_learning, gemmascope, native, saelens, sparsify
 from mechscope.sae.io.common import build
 from mechscope.sae.io.detect import MultipleCodersError, coder_subfolders, detect_format, locate
+from mechscope.validate import writable_dir
 
 __all__ = ["FORMATS", "MultipleCodersError", "detect_format", "load", "load_all", "save"]
 
@@ -80,4 +81,5 @@ def save(coder: SparseCoder, path: str | os.PathLike, format: str = "native") ->
     """
     if format not in _WRITE:
         raise InputError(f"Unknown SAE format {format!r}; choose one of {', '.join(FORMATS)}.")
+    writable_dir(path, flag=None, what="SAE folder", keep=False)  # a typed error, not a raw OSError half-way through
     return _WRITE[format](coder, Path(path))
