@@ -464,7 +464,8 @@ def write_dashboards(stats: Any, tokenizer: Any, out: str | Path, *, features: A
     rows = pick_rows(stats, features, max_pages)
     expl, sc = explanation_map(explanations), score_map(scores)
     settings = (stats.meta or {}).get("settings", {}) if isinstance(stats.meta, Mapping) else {}
-    model_name = model_name if model_name is not None else settings.get("model")
+    if model_name is None:  # the name it was loaded under; settings name the model by content
+        model_name = (stats.meta or {}).get("model_name") or settings.get("model")
     hook = hook if hook is not None else settings.get("hook")
     out = Path(out)
     try:

@@ -47,6 +47,7 @@ from mechscope.errors import (
 from mechscope.features.explain import Explanation, artifact_id, call_explainer, decode_many
 from mechscope.features.stats import check_coder, latent_acts_fn, without_token
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
+from mechscope.models.identity import content_key
 
 __all__ = [
     "DetectionScores",
@@ -290,7 +291,7 @@ def detection_windows(
     W = window_tokens.shape[0]
     ctx_ids = torch.arange(consumed).repeat_interleave(n_w)  # [W]
     starts = (torch.arange(n_w) * window).repeat(consumed)  # [W]
-    settings = {"stream": desc, "coder": coder.cfg.to_dict(), "hook": hook, "model": model.cfg.model_name,
+    settings = {"stream": desc, "coder": coder.cfg.to_dict(), "hook": hook, "model": content_key(model),
                 "context_len": context_len, "window": window, "seed": seed, "max_contexts": max_ctx,
                 "exclude_bos": exclude_bos, "features": None if feats is None else feats.tolist()}
     settings = json.loads(json.dumps(settings, default=str))

@@ -45,6 +45,7 @@ from mechscope.data.sources import TextSource
 from mechscope.errors import InputError
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
 from mechscope.models.hooks import layer_of
+from mechscope.models.identity import content_key
 
 __all__ = ["FeatureStats", "check_coder", "feature_stats", "latent_acts_fn", "logit_effects", "without_token"]
 
@@ -396,7 +397,7 @@ def feature_stats(
     ident = {"stream": stream.describe(), "coder": coder.cfg.to_dict(), "hook": hook, "context_len": context_len,
              "batch_size": batch_size, "top_k": top_k, "n_quantiles": n_quantiles, "hist_bins": hist_bins,
              "n_logits": n_logits, "seed": seed, "max_contexts": max_ctx,
-             "features": None if feats is None else feats.tolist(), "model": model.cfg.model_name,
+             "features": None if feats is None else feats.tolist(), "model": content_key(model),
              "exclude_bos": exclude_bos, "sample_window": list(sample_window)}
     ident = json.loads(json.dumps(ident, default=str))
     folder = Path(out) if out is not None else None
@@ -458,7 +459,7 @@ def feature_stats(
         top_values=st.top_values, top_context=st.top_context, top_pos=st.top_pos, top_tokens=st.top_tokens.long(),
         top_acts=st.top_acts, sample_values=st.s_values.view(G), sample_context=st.s_context.view(G),
         sample_pos=st.s_pos.view(G), sample_tokens=st.s_tokens.view(*G, -1), logit_top_ids=lt, logit_top_values=ltv, logit_bottom_ids=lb,
-        logit_bottom_values=lbv, meta={"settings": ident, "logit_effects_note": logit_note,
+        logit_bottom_values=lbv, meta={"settings": ident, "model_name": model.cfg.model_name, "logit_effects_note": logit_note,
                                        "hist_range": [HIST_LO, HIST_HI], "sample_window": list(sample_window)})
     if folder is not None:
         res.save(folder)

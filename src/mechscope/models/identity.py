@@ -36,6 +36,14 @@ def content_identity(identity: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in identity.items() if k != "name"}
 
 
+def content_key(model) -> str:
+    """A short string naming the model by content (architecture, config hash, weight fingerprint, processing):
+    what artifact settings record, so the same weights loaded from another path are the same model."""
+    ident = model_identity(model)
+    processing = "+".join(ident["processing"]) or "raw"
+    return f"{ident['architecture']}:{ident['config_hash']}:{ident['weights_fingerprint']}:{processing}"
+
+
 def same_model(want: dict[str, Any], have: dict[str, Any]) -> str | None:
     """None if two identities are the same model (same config, weights and processing), else the first
     differing key."""

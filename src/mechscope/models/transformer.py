@@ -263,6 +263,9 @@ class HookedTransformer(nn.Module):
         """Validate model input, tokenizing text: returns tokens [B, T] (long, on the model's device) and the
         attention mask [B, past + T] (long) or None when every position is real. Text is padded on
         `padding_side`; token ids are checked against the vocabulary and the mask against their shape."""
+        if isinstance(input, list | tuple) and not input:
+            raise InputError("Model input is an empty list: give at least one prompt (str) or a LongTensor of "
+                             "token ids [batch, pos].")
         if isinstance(input, str) or (isinstance(input, list | tuple) and input and isinstance(input[0], str)):
             tokens, mask = self.to_tokens(input, prepend_bos, padding_side, return_mask=True)
             return tokens, (mask if not bool(mask.all()) else None)
