@@ -98,3 +98,23 @@ def test_from_dict_round_trip():
     cfg = SAEConfig(arch="topk", d_in=8, n_latents=16, k=2)
     assert SAEConfig.from_dict(cfg.to_dict()) == cfg
     assert from_dict(HarvestConfig, {"hooks": "a,b", "n_tokens": 3}).hooks == ["a", "b"]
+
+
+def test_train_sae_defaults_come_from_train_config():
+    """train-sae's hyper-parameters default to TrainConfig's, except the declared shell defaults; the train()
+    function's keyword defaults agree with TrainConfig too (one source of truth)."""
+    from mechscope.cli import TRAIN_SAE_CLI_DEFAULTS
+    from mechscope.sae.train import train
+    from mechscope.sae.train_config import TrainConfig
+
+    args = _sub("train-sae").parse_args(["--hook", "h", "--out", "x"])
+    dest_of = {"arch": "arch", "n_latents": "latents", "k": "k", "steps": "steps", "batch_size": "batch_size",
+               "lr": "lr", "l1_coeff": "l1_coeff", "l0_coeff": "l0_coeff", "seed": "seed",
+               "resample_every": "resample_every"}
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, dest in dest_of.items():
+        assert getattr(args, dest) == TRAIN_SAE_CLI_DEFAULTS.get(name, fields[name]), name
+    assert set(TRAIN_SAE_CLI_DEFAULTS) <= set(fields)
+    for name, p in inspect.signature(train).parameters.items():
+        if name in fields and p.default is not inspect.Parameter.empty:
+            assert p.default == fields[name], f"train({name}=...) default differs from TrainConfig"

@@ -198,6 +198,23 @@ def _print_eval(coder, model, source, n_tokens: int, n_contexts: int, store=None
     return {"eval": ev._asdict(), "splice": sp.summary()}
 
 
+# train-sae's hyper-parameters take their defaults from sae.TrainConfig (written once, there), except where a
+# shell run deliberately differs, declared here with the reason (tests/test_cli_options.py checks both):
+TRAIN_SAE_CLI_DEFAULTS = {
+    "k": 32,  # TrainConfig has none (the API asks for k); the shell gives the usual TopK value
+    "steps": 2000,  # a first run on a CPU finishes in minutes; the API's 10,000 is a full training run
+}
+
+
+def train_sae_default(field: str):
+    """The default of train-sae's option for TrainConfig field `field`."""
+    from mechscope.sae.train_config import TrainConfig
+
+    if field in TRAIN_SAE_CLI_DEFAULTS:
+        return TRAIN_SAE_CLI_DEFAULTS[field]
+    return TrainConfig.__dataclass_fields__[field].default
+
+
 def train_sae_command(args) -> dict:
     """`mechscope train-sae`: train from a store (or straight from the model), save, evaluate."""
     from mechscope.data.store import ActivationStore
@@ -375,6 +392,7 @@ def _parser() -> argparse.ArgumentParser:
     # default is written once; the rest (which model, where, how to show progress) are CLI-only
     from mechscope.data.harvest import HarvestConfig
     from mechscope.report.pipeline import ReportConfig
+    from mechscope.sae.config import ARCHS
 
     parser = argparse.ArgumentParser(prog="mechscope", description="Mechanistic interpretability toolkit.",
                                      epilog="Errors print one line and exit 2; add --debug to see the traceback.")
@@ -413,19 +431,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder for the trained coder")
     t.add_argument("--format", default="native",
                    choices=["native", "saelens", "sparsify", "gemmascope", "gemmascope2", "dictionary_learning"])
-    t.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"])
-    t.add_argument("--latents", type=int, default=4096)
-    t.add_argument("--k", type=int, default=32)
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=4096)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--l1-coeff", type=float, default=None)
-    t.add_argument("--l0-coeff", type=float, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--arch", default=train_sae_default("arch"), choices=list(ARCHS))
+    t.add_argument("--latents", type=int, default=train_sae_default("n_latents"))
+    t.add_argument("--k", type=int, default=train_sae_default("k"), help="TopK family: active latents per token")
+    t.add_argument("--steps", type=int, default=train_sae_default("steps"))
+    t.add_argument("--batch-size", type=int, default=train_sae_default("batch_size"))
+    t.add_argument("--lr", type=float, default=train_sae_default("lr"), help="default: 2e-4 / sqrt(latents / 2^14)")
+    t.add_argument("--l1-coeff", type=float, default=train_sae_default("l1_coeff"))
+    t.add_argument("--l0-coeff", type=float, default=train_sae_default("l0_coeff"))
+    t.add_argument("--seed", type=int, default=train_sae_default("seed"))
     t.add_argument("--bf16", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                    help="bf16 top-k selection / autocast for the coder's matmuls: auto (default: on where bf16 "
                         "matmuls are fast, e.g. CUDA), on (also plain --bf16) or off")
-    t.add_argument("--resample-every", type=int, default=0,
+    t.add_argument("--resample-every", type=int, default=train_sae_default("resample_every"),
                    help="re-initialise dead latents from high-error inputs every N steps (0: AuxK only)")
     t.add_argument("--checkpoint-dir", default=None, help="checkpoints here; an existing one is resumed")
     t.add_argument("--checkpoint-every", type=int, default=1000, help="with --checkpoint-dir: checkpoint every N steps")
