@@ -62,7 +62,10 @@ def target_tokens(model, target: str) -> list[int]:
     """The target's token ids (no BOS). Several tokens are fine: the value is optimised for the whole sequence."""
     if not isinstance(target, str) or not target:
         raise InputError(f"The target must be a non-empty string, got {target!r}.")
-    ids = model.to_tokens(target, prepend_bos=False)[0].tolist()
+    try:
+        ids = model.to_tokens(target, prepend_bos=False)[0].tolist()
+    except InputError:
+        ids = []
     if not ids:
         raise InputError(f"The target {target!r} tokenizes to nothing.")
     return ids

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mechscope.edit.locate import EditRequest, last_subject_index, target_tokens
-from mechscope.errors import NonFiniteError
+from mechscope.errors import InputError, NonFiniteError
 
 
 @dataclass
@@ -32,6 +32,16 @@ class ValueSettings:
     weight_decay: float = 0.5
     clamp_norm: float = 4.0
     stop_nll: float = 0.05
+
+    def __post_init__(self) -> None:
+        import math
+
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise InputError(f"steps must be an int >= 0, got {self.steps!r}.")
+        for name in ("lr", "kl_factor", "weight_decay", "clamp_norm"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                raise InputError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}.")
 
 
 @contextlib.contextmanager
