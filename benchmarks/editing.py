@@ -2,7 +2,7 @@
 fluency, next to the unedited model's.
 
     python benchmarks/editing.py [--model smollm2] [--n 25] [--layer 6] [--memit-layers 4,5,6,7,8]
-                                 [--fluency-tokens 30] [--cov-tokens 20000] [--json out.json]
+                                 [--fluency-tokens 30] [--cov-tokens 20000] [--threads 1] [--json out.json]
     python benchmarks/editing.py --layer-sweep 2,4,6,8,12 --n 10     # ROME efficacy per layer, no MEMIT
 
 ROME edits one fact at a time and undoes it before the next (checked: the weights come back bit for bit);
@@ -62,8 +62,11 @@ def main() -> None:
     ap.add_argument("--fluency-tokens", type=int, default=30)
     ap.add_argument("--cov-tokens", type=int, default=20_000)
     ap.add_argument("--layer-sweep", default=None, help="comma-separated ROME layers: efficacy per layer only")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy 2-core machine, "
+                    "where 2 threads make these small batches ~5x slower)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = HookedTransformer.from_pretrained(args.model)
     reqs = edit.requests.load()[:args.n]

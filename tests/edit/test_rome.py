@@ -201,3 +201,17 @@ def test_rome_on_smollm2_eiffel_tower_and_builtin_facts_are_known():
     assert rome_lp > paris_lp + 2.0
     e.undo()
     assert all(torch.equal(v, p0[k]) for k, v in m.named_parameters())
+
+
+def test_key_covariance_is_cached_per_layer(tiny_llama, tmp_path, one_thread):
+    m = tiny_llama[2]
+    a = edit.key_covariance(m, [0, 1], tokens=1000, cache_dir=tmp_path)
+    files = sorted(tmp_path.glob("cov-*.safetensors"))
+    assert len(files) == 2 and a[0].shape == (m.cfg.d_mlp, m.cfg.d_mlp)
+    assert torch.allclose(a[0], a[0].T) and float(torch.linalg.eigvalsh(a[0].double()).min()) > -1e-6
+    b = edit.key_covariance(m, 1, tokens=1000, cache_dir=tmp_path)
+    assert torch.equal(b[1], a[1]) and sorted(tmp_path.glob("cov-*.safetensors")) == files
+    assert edit.key_covariance(m, 1, tokens=2000, cache_dir=tmp_path)[1].shape == a[1].shape  # another key
+    assert len(list(tmp_path.glob("cov-*.safetensors"))) == 3
+    with pytest.raises(InputError, match="Unknown layer -1"):
+        edit.key_covariance(m, -1, cache_dir=tmp_path)

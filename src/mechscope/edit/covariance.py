@@ -58,7 +58,8 @@ def key_covariance(model, layers: int | list[int], *, tokens: int = 20_000, cont
     root = cache_root(cache_dir)
     ident = model_identity(model)
     ident.pop("dtype", None)  # C is accumulated in float32 whatever the model's dtype
-    paths = {layer: root / f"cov-{step_key(_settings(layer, tokens, context_len), {'model': ident})}.safetensors"
+    bos = model.default_prepend_bos()  # contexts start as the model's own prompts do
+    paths = {layer: root / f"cov-{step_key(_settings(layer, tokens, context_len, bos), {'model': ident})}.safetensors"
              for layer in layers}
     out: dict[int, torch.Tensor] = {}
     for layer, path in paths.items():
@@ -69,7 +70,7 @@ def key_covariance(model, layers: int | list[int], *, tokens: int = 20_000, cont
                 pass
     todo = [layer for layer in layers if layer not in out]
     if todo:
-        computed = _compute(model, todo, tokens, context_len, batch_size, progress)
+        computed = _compute(model, todo, tokens, context_len, batch_size, bos, progress)
         root.mkdir(parents=True, exist_ok=True)
         for layer, cov in computed.items():
             atomic_write_bytes(paths[layer], save({"cov": cov.contiguous()}))
@@ -77,20 +78,20 @@ def key_covariance(model, layers: int | list[int], *, tokens: int = 20_000, cont
     return {layer: out[layer] for layer in layers}
 
 
-def _settings(layer: int, tokens: int, context_len: int) -> dict:
+def _settings(layer: int, tokens: int, context_len: int, prepend_bos: bool) -> dict:
     return {"what": "edit.key_covariance", "corpus": CORPUS, "layer": layer, "tokens": tokens,
-            "context_len": context_len, "hook": f"blocks.{layer}.mlp.hook_post"}
+            "context_len": context_len, "prepend_bos": prepend_bos, "hook": f"blocks.{layer}.mlp.hook_post"}
 
 
 @torch.no_grad()
-def _compute(model, layers: list[int], tokens: int, context_len: int, batch_size: int,
+def _compute(model, layers: list[int], tokens: int, context_len: int, batch_size: int, prepend_bos: bool,
              progress: bool) -> dict[int, torch.Tensor]:
     tok = model.require_tokenizer()
     ctx_len = min(context_len, model.cfg.n_ctx)
     sums = {layer: torch.zeros(model.cfg.d_mlp, model.cfg.d_mlp, dtype=torch.float64) for layer in layers}
     hooks = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
     seen, batch = 0, []
-    it = iter(packed_contexts(CORPUS, tok, ctx_len, seed=0, split="train"))
+    it = iter(packed_contexts(CORPUS, tok, ctx_len, seed=0, split="train", prepend_bos=prepend_bos))
 
     def run(rows: list[torch.Tensor]) -> int:
         ids = torch.stack(rows).to(model.device)
