@@ -52,7 +52,7 @@ LANGUAGES = [
     ("Spain", "Spanish", "German", "Mexico", "Argentina"),
     ("Mexico", "Spanish", "French", "Spain", "Colombia"),
     ("Colombia", "Spanish", "English", "Mexico", "Peru"),
-    ("Brazil", "Portuguese", "Spanish", "Portugal", "Angola"),
+    ("Brazil", "Portuguese", "German", "Portugal", "Angola"),
     ("Portugal", "Portuguese", "French", "Brazil", "Mozambique"),
     ("Germany", "German", "Italian", "Austria", "Liechtenstein"),
     ("Austria", "German", "French", "Germany", "Liechtenstein"),
