@@ -21,6 +21,8 @@
                                   layer sweep of probe AUROC (or one probe with --hook); saves probe + plot
     mechscope trace "PROMPT" --subject S [--kind resid|mlp|attn] --out DIR
                                   causal tracing (Meng et al. 2022): indirect-effect heatmap PNG + JSON
+    mechscope edit --prompt P --subject S --target T --out DIR
+                                  write a fact with ROME (MEMIT: --requests FILE.json); saves the edited model
 """
 
 from __future__ import annotations
@@ -339,6 +341,30 @@ def probe_command(args) -> dict:
     return run(args)
 
 
+# ---------------------------------------------------------------------------- mechscope edit (issue 14c)
+
+
+def _add_edit_parser(sub) -> None:
+    p = sub.add_parser("edit", help="write a fact into the model (ROME; MEMIT with --requests) and save it")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--prompt", default=None, help='e.g. "The Eiffel Tower is located in the city of"')
+    p.add_argument("--subject", default=None, help='as spelled in the prompt, e.g. "The Eiffel Tower"')
+    p.add_argument("--target", default=None, help='the new continuation, e.g. " Rome" (leading space)')
+    p.add_argument("--requests", default=None, help="a JSON list of {prompt, subject, target}: MEMIT, all at once")
+    p.add_argument("--layer", type=int, default=None, help="the MLP layer to edit (default: 20%% of the depth)")
+    p.add_argument("--cov-tokens", type=int, default=20_000, help="corpus tokens for the key covariance (cached)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for the edited model")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def edit_command(args) -> dict:
+    from mechscope.edit.command import edit_command as run
+
+    return run(args)
+
+
 # ---------------------------------------------------------------------------- parser
 # ---------------------------------------------------------------------------- mechscope trace (causal tracing)
 def trace_command(args, out=None) -> dict:
@@ -483,6 +509,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_probe_parser(sub)
     _add_trace_parser(sub)
+    _add_edit_parser(sub)
     return parser
 
 
@@ -517,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             probe_command(args)
         elif args.command == "trace":
             trace_command(args)
+        elif args.command == "edit":
+            edit_command(args)
     except MechscopeError as e:
         if debug:
             raise
