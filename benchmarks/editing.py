@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=25, help="number of built-in facts (of 37)")
     ap.add_argument("--layer", type=int, default=None, help="ROME layer (default edit.rome's: 6 for SmolLM2)")
     ap.add_argument("--memit-layers", default=None, help="comma-separated (default edit.memit's: 4..8)")
+    ap.add_argument("--mom2-weight", type=float, default=15_000.0, help="MEMIT's lambda (weight of C)")
     ap.add_argument("--fluency-tokens", type=int, default=30)
     ap.add_argument("--cov-tokens", type=int, default=20_000)
     ap.add_argument("--layer-sweep", default=None, help="comma-separated ROME layers: efficacy per layer only")
@@ -90,7 +91,7 @@ def main() -> None:
         print(row(f"ROME layer {layer}, each fact alone", s, sec), flush=True)
         layers = None if args.memit_layers is None else [int(x) for x in args.memit_layers.split(",")]
         t0 = time.perf_counter()
-        e = edit.memit(model, reqs, layers=layers, cov_tokens=args.cov_tokens)
+        e = edit.memit(model, reqs, layers=layers, cov_tokens=args.cov_tokens, mom2_weight=args.mom2_weight)
         t_memit = time.perf_counter() - t0
         m = edit.evaluate_edits(model, reqs, fluency_tokens=args.fluency_tokens)
         print(row(f"MEMIT layers {e.layers[0]}-{e.layers[-1]}, {len(reqs)} facts at once", m, t_memit), flush=True)
