@@ -5,7 +5,7 @@ Only safetensors are read directly; a `.bin` checkpoint is read with
 one at a time when a converter asks for them, so loading never holds two full copies.
 
 Tensors read from a folder are views of a *private* (copy-on-write) memory map of the file: both
-`safe_open(..., framework="pt")` and `torch.load(mmap=True)` map with `UntypedStorage.from_file(shared=False)`.
+`safe_open(..., framework="pt")` and `torch.load(mmap=True, weights_only=True)` map with `UntypedStorage.from_file(shared=False)`.
 So the model can adopt them as its parameters with no copy (`place`), and a later in-place edit
 (process_weights, an ablation that edits a weight) copies the touched pages into private memory
 instead of writing into the user's file (tests/models/test_load_zero_copy.py checks both). The
