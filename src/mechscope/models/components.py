@@ -9,6 +9,7 @@ Shapes: B batch, T query positions, S key positions, H heads, K kv heads, E d_he
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -269,6 +270,14 @@ class KVPrefix:
         return self._cat(self.k[layer], k), self._cat(self.v[layer], v)
 
 
+@functools.lru_cache(maxsize=8)
+def causal_blocked(T: int, S: int, device: torch.device) -> torch.Tensor:  # [T, S] bool, True = masked out
+    """The future keys each of the last T of S positions may not see; made once per shape, shared by every
+    layer (eager attention runs when scores or patterns are hooked: building it per layer cost ~1% of a
+    cache-everything forward). Read-only: callers must never write to it."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query attention. Runs SDPA unless scores or pattern are hooked."""
 
@@ -382,14 +391,16 @@ class Attention(nn.Module):
         if c.n_kv_heads != c.n_heads:
             rep = c.n_heads // c.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.scale  # [B, H, T, S]
+        # scale q [B, H, T, E] rather than the scores [B, H, T, S]: S / E times less work
+        scores = (q * self.scale) @ k.transpose(-1, -2)  # [B, H, T, S]
         if c.attn_softcap is not None:
             scores = torch.tanh(scores / c.attn_softcap) * c.attn_softcap
         if mask is None and c.causal:
-            T, S = scores.shape[-2:]
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        if mask is not None:
-            scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)  # scores is a fresh tensor
+            blocked = causal_blocked(scores.shape[-2], scores.shape[-1], q.device)
+        else:
+            blocked = None if mask is None else mask.logical_not()
+        if blocked is not None:
+            scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)  # scores is a fresh tensor
         scores = self.hook_attn_scores(scores)
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         pattern = self.hook_pattern(pattern)
