@@ -211,6 +211,11 @@ def test_feature_monitor_scores_the_sae_latents(gpt2, coder):
 
 
 def test_feature_monitor_of_another_model_is_refused(gpt2, coder, tiny_llama):
+    from mechscope.sae import SAEConfig, SparseCoder
+
+    narrow = SparseCoder(SAEConfig(arch="relu", d_in=32, n_latents=8, hook_in=HOOK)).init_weights(0)
+    with pytest.raises(ArtifactMismatchError, match="width 64"):  # an SAE of a 32-wide model
+        gpt2.generate(PROMPT, 2, monitors=[monitor.FeatureMonitor("f", narrow, latents=[0])])
     import copy
 
     from mechscope.models.identity import model_identity
