@@ -6,8 +6,14 @@ position + 1. A token blocked by a "stop" monitor has token_id and token None: i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN / inf: a score that is not finite is written as null (the monitor could not score)."""
+    return x if math.isfinite(x) else None
 
 
 @dataclass
@@ -23,7 +29,9 @@ class TokenTrace:
     actions: list[str] = field(default_factory=list)  # "alert:name", "stop:name", "steer:name" taken here
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["scores"] = {k: finite_or_none(v) for k, v in self.scores.items()}
+        return d
 
 
 @dataclass
@@ -37,7 +45,7 @@ class Alert:
     action: str
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"score": finite_or_none(self.score)}
 
 
 @dataclass
