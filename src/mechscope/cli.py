@@ -23,6 +23,8 @@
                                   causal tracing (Meng et al. 2022): indirect-effect heatmap PNG + JSON
     mechscope edit --prompt P --subject S --target T --out DIR
                                   write a fact with ROME (MEMIT: --requests FILE.json); saves the edited model
+    mechscope serve --model M --port P [--host 127.0.0.1] [--monitors FILE] [--api-key K]
+                                  a local HTTP service: generation with monitors (JSON and SSE), a page at /
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import argparse
 import sys
 import time
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import InputError, MechscopeError
 from mechscope.options import add_options, config_from_args
 from mechscope.validate import count, finite_float, positive_int, writable_dir
 
@@ -413,6 +415,54 @@ def _add_trace_parser(sub) -> None:
 # ---------------------------------------------------------------------------- end of mechscope trace
 
 
+# ---------------------------------------------------------------------------- mechscope serve (issue 15)
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="a local HTTP service: generation with monitors, a page, health and metrics")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, folder or .gguf (default smollm2)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--monitors", default=None, help="a monitors file written by monitor.save_monitors")
+    p.add_argument("--api-key", default=None,
+                   help="key required in the X-API-Key header to add / remove monitors (default: $MECHSCOPE_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests waiting behind the running one; more get 429")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queue wait included")
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def serve_command(args) -> None:
+    import os
+
+    from mechscope.serve import ServeConfig, serve
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in 0..65535, got {args.port}.")
+    count("--max-queue", args.max_queue)
+    finite_float("--timeout", args.timeout, positive=True)
+    for flag in ("max_prompt_tokens", "max_new_tokens", "max_body_bytes"):
+        positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
+    key = args.api_key or os.environ.get("MECHSCOPE_API_KEY") or None
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"mechscope: warning: serving on {args.host} without an API key: anyone who can reach it may "
+              "add or remove monitors (set --api-key or MECHSCOPE_API_KEY).", file=sys.stderr)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = ServeConfig(api_key=key, max_queue=args.max_queue, timeout_s=args.timeout,
+                      max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                      max_body_bytes=args.max_body_bytes)
+    serve(args.model, host=args.host, port=args.port, monitors_file=args.monitors, config=cfg, device=args.device,
+          log_level=args.log_level)
+# ---------------------------------------------------------------------------- end of mechscope serve
+
+
 def _parser() -> argparse.ArgumentParser:
     # options that configure an API object are generated from its dataclass (mechscope/options.py), so a
     # default is written once; the rest (which model, where, how to show progress) are CLI-only
@@ -510,6 +560,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_probe_parser(sub)
     _add_trace_parser(sub)
     _add_edit_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -546,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
             trace_command(args)
         elif args.command == "edit":
             edit_command(args)
+        elif args.command == "serve":
+            serve_command(args)
     except MechscopeError as e:
         if debug:
             raise

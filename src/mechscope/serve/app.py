@@ -1,0 +1,449 @@
+"""The FastAPI app of `mechscope serve`: monitored generation over HTTP, validated at the edge.
+
+Every malformed request gets a 4xx JSON body `{"detail": "<one clear line>"}` and never reaches the model:
+bodies are read and parsed here (415 wrong content type, 413 too large, 400 not JSON, 422 wrong fields or
+limits, 404 unknown monitors / routes, 401 missing API key), not by FastAPI's implicit body parsing, so
+each failure has its own status and message. Generation runs on the engine's worker thread (engine.py);
+the event loop only parses, admits (429 + Retry-After when the queue is full) and awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mechscope.errors import MechscopeError
+from mechscope.serve.engine import CancelledJobError, Engine, Job, Metrics, QueueFullError, QueueTimeoutError
+from mechscope.serve.page import PAGE
+from mechscope.serve.registry import (
+    DuplicateMonitorError,
+    MonitorRegistry,
+    UnknownMonitorError,
+    alert_out,
+    token_out,
+)
+from mechscope.serve.schemas import (
+    AddMonitorRequest,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    MetricsResponse,
+    MonitorInfo,
+    MonitorsChanged,
+    Percentiles,
+    QueueInfo,
+)
+
+API_KEY_HEADER = "X-API-Key"
+
+
+@dataclass
+class ServeConfig:
+    """Limits and settings of one service (the CLI's options)."""
+
+    api_key: str | None = None  # required in X-API-Key on POST/DELETE /v1/monitors when set
+    max_queue: int = 8  # requests that may wait behind the running one; more get 429
+    timeout_s: float = 60.0  # per request, queue wait included; generation is cut at the next token
+    max_prompt_tokens: int = 512
+    max_new_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+
+
+class ApiError(Exception):
+    """An HTTP error with a one-line message (and optional headers, e.g. Retry-After)."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None,
+                 errors: list[dict] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers, self.errors = status, detail, headers, errors
+
+
+def _error(status: int, detail: str, headers=None, errors=None) -> JSONResponse:
+    body = ErrorResponse(detail=detail, errors=errors).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _short(x: Any, n: int = 60) -> str:
+    r = repr(x)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _field_errors(errors: Sequence[dict]) -> tuple[str, list[dict]]:
+    """pydantic errors -> ('prompt: Field required; max_new_tokens: ...', [{loc, msg, type}]) (JSON-safe)."""
+    clean, parts = [], []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        msg = str(e.get("msg", "invalid"))
+        if e.get("type") not in ("missing", "extra_forbidden") and "input" in e:
+            msg += f" (got {_short(e['input'])})"
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the API's request models)"
+        parts.append(f"{where}: {msg}")
+        clean.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
+    return "; ".join(parts[:8]) + (f"; ... ({len(parts)} errors)" if len(parts) > 8 else ""), clean
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a Content-Length over the limit; a streamed body that grows past it raises
+    ApiError(413) from receive(), i.e. inside the endpoint that reads it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n < 0 or n > self.max_bytes:
+                status, detail = ((413, f"Request body of {n} bytes is over the limit of {self.max_bytes} bytes.")
+                                  if n > self.max_bytes else (400, "Invalid Content-Length header."))
+                return await _error(status, detail)(scope, receive, send)
+        seen = 0
+        limit = self.max_bytes
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, f"Request body is over the limit of {limit} bytes.")
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+class _CountRequests:
+    """ASGI middleware: count every response by method, route template and status (for /metrics)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def recording(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, recording)
+        finally:
+            route = scope.get("route")
+            self.metrics.request(scope.get("method", "?"), getattr(route, "path", "unmatched"), status[0])
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    """Content type, JSON and schema checks of a request body, each with its own status and message."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}.")
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, "The request body is empty; send a JSON object.")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ApiError(400, f"The request body is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, f"The request body must be a JSON object, got a JSON {type(data).__name__}.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        detail, errors = _field_errors(e.errors(include_url=False))
+        raise ApiError(422, detail, errors=errors) from None
+
+
+def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None,
+               generate_fn: Callable[..., Any] | None = None) -> FastAPI:
+    """The service app for a loaded model and monitors. `generate_fn(prompt, max_new_tokens, monitors=,
+    on_token=)` defaults to `model.generate` (returning a monitor.MonitoredGeneration)."""
+    cfg = config or ServeConfig()
+    metrics = Metrics()
+    registry = MonitorRegistry(monitors)
+    if generate_fn is None:
+        def generate_fn(prompt, max_new_tokens, monitors, on_token):
+            return model.generate(prompt, max_new_tokens, monitors=monitors, on_token=on_token)
+    engine = Engine(generate_fn, max_queue=cfg.max_queue, timeout_s=cfg.timeout_s, metrics=metrics)
+    n_ctx = int(model.cfg.n_ctx)
+    model_name = str(getattr(model.cfg, "model_name", None) or "model")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="mechscope serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  description="Monitored generation: probes, SAE features and directions read per token.")
+    app.state.engine, app.state.registry, app.state.metrics, app.state.config = engine, registry, metrics, cfg
+    app.add_middleware(_BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    # ------------------------------------------------------------------ errors: always {"detail": str}
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return _error(e.status, e.detail, e.headers, e.errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        detail, errors = _field_errors(e.errors())
+        return _error(422, detail, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        detail = str(e.detail)
+        if e.status_code == 404 and detail == "Not Found":
+            detail = f"No route {request.method} {request.url.path}; see GET /openapi.json for the API."
+        elif e.status_code == 405:
+            detail = f"Method {request.method} is not allowed on {request.url.path}."
+        return _error(e.status_code, detail, getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):  # a bug: say so, keep serving
+        return _error(500, f"Internal error ({type(e).__name__}): {str(e)[:300]}")
+
+    def check_key(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        got = request.headers.get(API_KEY_HEADER)
+        if got is None:
+            raise ApiError(401, f"This endpoint needs the API key in the {API_KEY_HEADER} header.")
+        if not hmac.compare_digest(got.encode("utf-8", "replace"), cfg.api_key.encode()):
+            raise ApiError(401, f"Wrong API key in the {API_KEY_HEADER} header.")
+
+    def queue_info() -> QueueInfo:
+        return QueueInfo(pending=engine.pending, max_queue=cfg.max_queue, timeout_s=cfg.timeout_s)
+
+    # ------------------------------------------------------------------ generation
+    def admit(req: GenerateRequest) -> tuple[Job, int, list[str]]:
+        """Limits that depend on the settings, the monitor snapshot, and the job (not yet submitted)."""
+        if req.max_new_tokens > cfg.max_new_tokens:
+            raise ApiError(422, f"max_new_tokens: at most {cfg.max_new_tokens} (the server's --max-new-tokens), "
+                                f"got {req.max_new_tokens}.")
+        if len(req.prompt) > 64 * cfg.max_prompt_tokens:  # far over any tokenisation: refuse before tokenising
+            raise ApiError(422, f"prompt: {len(req.prompt)} characters is over the limit of "
+                                f"{cfg.max_prompt_tokens} tokens (the server's --max-prompt-tokens).")
+        try:
+            req.prompt.encode("utf-8")
+            n_prompt = int(model.to_tokens(req.prompt).shape[-1])
+        except (UnicodeError, MechscopeError, ValueError, TypeError) as e:
+            raise ApiError(422, f"prompt: cannot be tokenized ({type(e).__name__}: {str(e)[:120]}).") from None
+        if n_prompt > cfg.max_prompt_tokens:
+            raise ApiError(422, f"prompt: {n_prompt} tokens is over the limit of {cfg.max_prompt_tokens} "
+                                f"(the server's --max-prompt-tokens).")
+        if n_prompt + req.max_new_tokens > n_ctx:
+            raise ApiError(422, f"prompt ({n_prompt} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the "
+                                f"model's context of {n_ctx} tokens.")
+        try:
+            mons = registry.select(req.monitors)
+        except UnknownMonitorError as e:
+            raise ApiError(404, str(e)) from None
+        except DuplicateMonitorError as e:
+            raise ApiError(422, str(e)) from None
+        job = Job(req.prompt, req.max_new_tokens, mons, deadline=time.monotonic() + cfg.timeout_s)
+        return job, n_prompt, [str(m.name) for m in mons]
+
+    def submit(job: Job):
+        try:
+            return engine.submit(job)
+        except QueueFullError as e:
+            raise ApiError(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+
+    def failure(e: BaseException) -> ApiError:
+        """A job's exception as the ApiError its request gets (only that request)."""
+        if isinstance(e, QueueTimeoutError):
+            return ApiError(503, str(e), headers={"Retry-After": str(engine.retry_after())})
+        if isinstance(e, CancelledJobError):
+            return ApiError(499, str(e))
+        if isinstance(e, MechscopeError):
+            return ApiError(422, f"{type(e).__name__}: {e}")
+        metrics.count("errors")
+        return ApiError(500, f"Generation failed ({type(e).__name__}): {str(e)[:300]}")
+
+    def respond(job: Job, res, n_prompt: int, names: list[str], t0: float) -> GenerateResponse:
+        end = time.monotonic()
+        trace = [token_out(t) for t in getattr(res, "trace", [])]
+        alerts = [alert_out(a) for a in getattr(res, "alerts", [])]
+        text = res.text if hasattr(res, "text") else str(res)
+        stopped_by = "timeout" if job.timed_out else getattr(res, "stopped_by", None)
+        n_tokens = sum(t.token is not None for t in trace) if trace else 0
+        wait = (job.started or end) - t0
+        metrics.generation(end - t0, wait, n_tokens, [a.monitor for a in alerts], job.timed_out)
+        return GenerateResponse(text=text, prompt=job.prompt, trace=trace, alerts=alerts, stopped_by=stopped_by,
+                                monitors=names, n_tokens=n_tokens, prompt_tokens=n_prompt, latency_s=end - t0,
+                                queue_wait_s=wait, timed_out=job.timed_out)
+
+    errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 422, 429, 503)}
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=errors)
+    async def generate(request: Request):
+        """Generate with monitors; the whole trace in one JSON response."""
+        req = await _parse(request, GenerateRequest)
+        job, n_prompt, names = admit(req)
+        t0 = time.monotonic()
+        fut = submit(job)
+        try:
+            res = await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        except Exception as e:  # noqa: BLE001 (mapped to this request's status)
+            raise failure(e) from None
+        return respond(job, res, n_prompt, names, t0)
+
+    @app.post("/v1/generate/stream", responses=errors)
+    async def generate_stream(request: Request):
+        """Server-sent events: `start`, one `token` per step (token, scores, fired), then `done` (the same
+        JSON as /v1/generate) or `error` ({"detail", "status"})."""
+        req = await _parse(request, GenerateRequest)
+        job, n_prompt, names = admit(req)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> None:  # worker thread -> event loop
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed (shutdown): nobody is listening
+                pass
+
+        job.on_token = lambda t: put(("token", token_out(t)))
+        t0 = time.monotonic()
+        fut = submit(job)
+        fut.add_done_callback(lambda f: put(("done", f)))
+
+        def sse(event: str, data) -> str:
+            payload = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data)
+            return f"event: {event}\ndata: {payload}\n\n"
+
+        async def events():
+            try:
+                yield sse("start", {"monitors": names, "prompt_tokens": n_prompt, "max_new_tokens": req.max_new_tokens})
+                while True:
+                    kind, item = await queue.get()
+                    if kind == "token":
+                        yield sse("token", item)
+                        continue
+                    try:
+                        res = item.result()
+                    except Exception as e:  # noqa: BLE001
+                        err = failure(e)
+                        yield sse("error", {"detail": err.detail, "status": err.status})
+                    else:
+                        yield sse("done", respond(job, res, n_prompt, names, t0))
+                    return
+            finally:
+                job.cancelled.set()  # a client that went away stops the generation at the next token
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------------ monitors
+    @app.get("/v1/monitors", response_model=list[MonitorInfo])
+    async def list_monitors():
+        return registry.infos()
+
+    @app.post("/v1/monitors", response_model=MonitorsChanged, status_code=201, responses=errors)
+    async def add_monitors(request: Request):
+        """Load monitors from a saved monitors file (on the server's disk), or add an inline direction monitor."""
+        check_key(request)
+        req = await _parse(request, AddMonitorRequest)
+        try:
+            new = _build_monitors(req, model)
+            added = registry.add(new, replace=req.replace)
+        except DuplicateMonitorError as e:
+            raise ApiError(409, str(e)) from None
+        return MonitorsChanged(added=added, monitors=registry.infos())
+
+    @app.delete("/v1/monitors/{name}", response_model=MonitorsChanged, responses=errors)
+    async def delete_monitor(name: str, request: Request):
+        check_key(request)
+        try:
+            registry.remove(name)
+        except UnknownMonitorError as e:
+            raise ApiError(404, str(e)) from None
+        return MonitorsChanged(removed=[name], monitors=registry.infos())
+
+    # ------------------------------------------------------------------ health, metrics, page
+    @app.get("/health", response_model=HealthResponse)
+    async def health():
+        return HealthResponse(model=model_name, n_layers=int(model.cfg.n_layers), d_model=int(model.cfg.d_model),
+                              n_ctx=n_ctx, monitors=registry.names(), queue=queue_info(),
+                              limits={"max_prompt_tokens": cfg.max_prompt_tokens,
+                                      "max_new_tokens": cfg.max_new_tokens, "max_body_bytes": cfg.max_body_bytes})
+
+    @app.get("/metrics", response_model=MetricsResponse)
+    async def get_metrics():
+        return MetricsResponse(**metrics.snapshot(), latency_s=Percentiles(**metrics.percentiles("latencies")),
+                               queue_wait_s=Percentiles(**metrics.percentiles("queue_waits")), queue=queue_info())
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE)
+
+    return app
+
+
+def _build_monitors(req: AddMonitorRequest, model) -> list:
+    """The monitors an AddMonitorRequest describes (typed monitor errors become 422 / 404)."""
+    from mechscope import monitor
+
+    if (req.file is None) == (req.kind is None):
+        raise ApiError(422, 'Send either "file" (a saved monitors file) or "kind": "direction" with its fields.')
+    if req.file is not None:
+        extra = [k for k in ("name", "hook", "direction", "threshold") if getattr(req, k) is not None]
+        if extra:
+            raise ApiError(422, f'Fields {extra} belong to an inline monitor ("kind"), not to "file".')
+        try:
+            loaded = list(monitor.load_monitors(req.file, model))
+        except FileNotFoundError:
+            raise ApiError(404, f"No monitors file at {req.file!r} on the server.") from None
+        except (MechscopeError, OSError, ValueError) as e:
+            raise ApiError(422, f"Cannot load monitors from {req.file!r}: {type(e).__name__}: {e}") from None
+        if req.names is not None:
+            have = {str(m.name): m for m in loaded}
+            missing = [n for n in req.names if n not in have]
+            if missing:
+                raise ApiError(404, f"Monitors {missing} are not in {req.file!r}; it holds {list(have)}.")
+            loaded = [have[n] for n in req.names]
+        return loaded
+    missing = [k for k in ("name", "hook", "direction", "threshold") if getattr(req, k) is None]
+    if missing:
+        raise ApiError(422, f"An inline direction monitor needs {missing}.")
+    if req.names is not None:
+        raise ApiError(422, '"names" selects monitors of a "file"; an inline monitor has "name".')
+    d_model = int(model.cfg.d_model)
+    if len(req.direction) != d_model:
+        raise ApiError(422, f"direction: has {len(req.direction)} values; the model's d_model is {d_model} "
+                            f"(inline direction monitors read residual-width hooks).")
+    import torch
+
+    direction = torch.tensor(req.direction, dtype=torch.float32)  # [d_model]
+    if not bool(direction.norm() > 0):
+        raise ApiError(422, "direction: is all zeros; a direction needs a non-zero norm.")
+    try:
+        return [monitor.DirectionMonitor(req.name, req.hook, direction, threshold=req.threshold, window=req.window,
+                                         hysteresis=req.hysteresis, action=req.action)]
+    except (MechscopeError, KeyError, ValueError, TypeError) as e:
+        raise ApiError(422, f"Bad direction monitor: {type(e).__name__}: {str(e)[:300]}") from None
