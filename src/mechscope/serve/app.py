@@ -48,6 +48,8 @@ from mechscope.serve.schemas import (
 )
 
 API_KEY_HEADER = "X-API-Key"
+RESIDUAL_WIDTH_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                        "hook_embed", "ln_final.hook_normalized")
 
 
 @dataclass
@@ -433,6 +435,9 @@ def _build_monitors(req: AddMonitorRequest, model) -> list:
         raise ApiError(422, f"An inline direction monitor needs {missing}.")
     if req.names is not None:
         raise ApiError(422, '"names" selects monitors of a "file"; an inline monitor has "name".')
+    if not req.hook.endswith(RESIDUAL_WIDTH_HOOKS):
+        raise ApiError(422, f"hook: inline direction monitors read residual-width hooks (names ending in "
+                            f"{', '.join(RESIDUAL_WIDTH_HOOKS)}), got {req.hook!r}; save other monitors to a file.")
     d_model = int(model.cfg.d_model)
     if len(req.direction) != d_model:
         raise ApiError(422, f"direction: has {len(req.direction)} values; the model's d_model is {d_model} "
@@ -443,7 +448,9 @@ def _build_monitors(req: AddMonitorRequest, model) -> list:
     if not bool(direction.norm() > 0):
         raise ApiError(422, "direction: is all zeros; a direction needs a non-zero norm.")
     try:
-        return [monitor.DirectionMonitor(req.name, req.hook, direction, threshold=req.threshold, window=req.window,
-                                         hysteresis=req.hysteresis, action=req.action)]
+        m = monitor.DirectionMonitor(req.name, req.hook, direction, threshold=req.threshold, window=req.window,
+                                     hysteresis=req.hysteresis, action=req.action)
+        m.check(model)  # an unknown hook fails here, not in every later generation
+        return [m]
     except (MechscopeError, KeyError, ValueError, TypeError) as e:
         raise ApiError(422, f"Bad direction monitor: {type(e).__name__}: {str(e)[:300]}") from None

@@ -33,12 +33,15 @@ def finite(x) -> float | None:
 
 
 def describe(m) -> MonitorInfo:
-    """What GET /v1/monitors shows of a monitor (duck-typed on the monitor contract's attributes)."""
-    window = getattr(m, "window", None)
-    return MonitorInfo(name=str(m.name), kind=type(m).__name__, hook=getattr(m, "hook", None),
-                       threshold=finite(getattr(m, "threshold", None)), action=getattr(m, "action", None),
+    """What GET /v1/monitors shows of a monitor: its `describe()` common fields (monitor contract)."""
+    d = m.describe() if hasattr(m, "describe") else {}
+    window = d.get("window", getattr(m, "window", None))
+    return MonitorInfo(name=str(m.name), kind=str(d.get("kind", getattr(m, "kind", type(m).__name__))),
+                       hook=d.get("hook", getattr(m, "hook", None)),
+                       threshold=finite(d.get("threshold", getattr(m, "threshold", None))),
+                       action=d.get("action", getattr(m, "action", None)),
                        window=int(window) if isinstance(window, int) else None,
-                       hysteresis=finite(getattr(m, "hysteresis", None)))
+                       hysteresis=finite(d.get("hysteresis", getattr(m, "hysteresis", None))))
 
 
 class MonitorRegistry:
