@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
@@ -47,6 +48,7 @@ from mechscope.serve.schemas import (
     QueueInfo,
 )
 
+log = logging.getLogger("mechscope.serve")
 API_KEY_HEADER = "X-API-Key"
 RESIDUAL_WIDTH_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
                         "hook_embed", "ln_final.hook_normalized")
@@ -135,7 +137,8 @@ class _BodyLimit:
 
 
 class _CountRequests:
-    """ASGI middleware: count every response by method, route template and status (for /metrics)."""
+    """ASGI middleware: count every response by method, route template and status (for /metrics), and turn an
+    unexpected exception (a bug) into a 500 JSON body for that request alone, logged, the connection kept."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -143,7 +146,7 @@ class _CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = [500]
+        status = [0]
 
         async def recording(msg):
             if msg["type"] == "http.response.start":
@@ -152,9 +155,15 @@ class _CountRequests:
 
         try:
             await self.app(scope, receive, recording)
+        except Exception as e:  # noqa: BLE001 (anything that escaped the handlers)
+            log.exception("error while serving %s %s", scope.get("method"), scope.get("path"))
+            if status[0] == 0:
+                await _error(500, f"Internal error ({type(e).__name__}): {str(e)[:300]}")(scope, receive, recording)
+            else:
+                status[0] = status[0] or 500
         finally:
             route = scope.get("route")
-            self.metrics.request(scope.get("method", "?"), getattr(route, "path", "unmatched"), status[0])
+            self.metrics.request(scope.get("method", "?"), getattr(route, "path", "unmatched"), status[0] or 500)
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
@@ -221,10 +230,6 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
         elif e.status_code == 405:
             detail = f"Method {request.method} is not allowed on {request.url.path}."
         return _error(e.status_code, detail, getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, e: Exception):  # a bug: say so, keep serving
-        return _error(500, f"Internal error ({type(e).__name__}): {str(e)[:300]}")
 
     def check_key(request: Request) -> None:
         if cfg.api_key is None:
