@@ -1,6 +1,6 @@
 """mechscope: open up transformer language models and explain how they produce what they produce."""
 
-from mechscope import edit, interventions, probes
+from mechscope import edit, interventions, monitor, probes
 from mechscope.data.harvest import HarvestConfig
 from mechscope.data.store import ActivationStore
 from mechscope.errors import (
@@ -60,5 +60,6 @@ __all__ = [
     "UnsupportedQuantizationError",
     "edit",
     "interventions",
+    "monitor",
     "probes",
 ]

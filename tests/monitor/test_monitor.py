@@ -3,11 +3,13 @@ window and hysteresis, batches, typed errors."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from mechscope import monitor, probes
-from mechscope.errors import ArtifactMismatchError, HookNameError, InputError
+from mechscope.errors import ArtifactMismatchError, CorruptFileError, HookNameError, InputError
 from mechscope.models.interventions import Add
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,3 +181,111 @@ def test_bad_input_is_a_typed_error(gpt2, probe, tiny_llama):
         tiny_llama[2].generate(PROMPT, 2, monitors=[monitor.ProbeMonitor("p", probe)])
     with pytest.raises(InputError, match="prompt string"):
         gpt2.generate(gpt2.to_tokens(PROMPT), 2, monitors=[])
+
+
+# ------------------------------------------------------------------------------ SAE features
+
+
+@pytest.fixture(scope="module")
+def coder():
+    from mechscope.sae import SAEConfig, SparseCoder
+
+    return SparseCoder(SAEConfig(arch="relu", d_in=64, n_latents=32, hook_in=HOOK)).init_weights(0)
+
+
+def test_feature_monitor_scores_the_sae_latents(gpt2, coder):
+    _, cache = gpt2.run_with_cache(PROMPT, names_filter=HOOK)
+    top = coder.encode(cache[HOOK][0, -1]).topk(2).indices.tolist()  # latents that fire on the prompt
+    ms = [monitor.FeatureMonitor("f", coder, latents=top, threshold=1e9, reduce="max"),
+          monitor.FeatureMonitor("fs", coder, latents=top, threshold=1e9, reduce="sum")]
+    res = gpt2.generate(PROMPT, 5, monitors=ms, stop_at_eos=False)
+    T = gpt2.to_tokens(PROMPT).shape[1]
+    full = torch.cat([gpt2.to_tokens(PROMPT)[0], torch.tensor(res.token_ids)])
+    _, cache = gpt2.run_with_cache(full[None], names_filter=HOOK)
+    f = coder.encode(cache[HOOK][0, T - 1: T + 4])[:, top]  # [5, 2]
+    assert [t.scores["f"] for t in res.trace] == pytest.approx(f.amax(-1).tolist(), abs=1e-5)
+    assert [t.scores["fs"] for t in res.trace] == pytest.approx(f.sum(-1).tolist(), abs=1e-5)
+    assert res.trace[0].scores["f"] > 0
+    stop = monitor.FeatureMonitor("f", coder, latents=top, threshold=0.5 * res.trace[0].scores["f"], action="stop")
+    assert gpt2.generate(PROMPT, 5, monitors=[stop]).stopped_by == "f"
+
+
+def test_feature_monitor_of_another_model_is_refused(gpt2, coder, tiny_llama):
+    import copy
+
+    from mechscope.models.identity import model_identity
+
+    other = copy.deepcopy(coder)
+    other.cfg.model_identity = model_identity(tiny_llama[2])
+    with pytest.raises(ArtifactMismatchError, match="SAE"):
+        gpt2.generate(PROMPT, 2, monitors=[monitor.FeatureMonitor("f", other, latents=[0])])
+    with pytest.raises(InputError, match="latents"):
+        monitor.FeatureMonitor("f", coder, latents=[32])
+    with pytest.raises(InputError, match="reduce"):
+        monitor.FeatureMonitor("f", coder, latents=[1], reduce="median")
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def test_save_load_round_trip(gpt2, probe, coder, tmp_path):
+    from mechscope import edit
+
+    v = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    ms = [monitor.ProbeMonitor("dog", probe, threshold=0.5, window=2, hysteresis=0.25, action="alert"),
+          monitor.FeatureMonitor("feat", coder, latents=[3, 17], threshold=1.0, reduce="mean"),
+          monitor.DirectionMonitor("dir", HOOK, v, threshold=0.1, action="steer",
+                                   steer=[edit.steer(v, HOOK, scale=-3.0), edit.ClampFeatures(coder, {3: 0.0})])]
+    path = monitor.save_monitors(tmp_path / "mon", ms, model=gpt2)
+    assert path.name == "monitors.json" and (tmp_path / "mon" / "monitors.safetensors").exists()
+    back = monitor.load_monitors(tmp_path / "mon", gpt2)
+    assert [m.describe() for m in back] == [m.describe() for m in ms]
+    assert torch.allclose(back[2].direction, v / v.norm())
+    assert [type(iv).__name__ for iv in back[2].steer] == ["Add", "ClampFeatures"]
+    a = gpt2.generate(PROMPT, 6, monitors=ms, stop_at_eos=False)
+    b = gpt2.generate(PROMPT, 6, monitors=back, stop_at_eos=False)
+    assert a.token_ids == b.token_ids and [(x.monitor, x.index) for x in a.alerts] == [(x.monitor, x.index)
+                                                                                      for x in b.alerts]
+    for ta, tb in zip(a.trace, b.trace):  # the SAE round trip (scales folded) may move the last bits
+        assert ta.fired == tb.fired and list(ta.scores.values()) == pytest.approx(list(tb.scores.values()), abs=1e-5)
+    assert a.trace[0].actions == ["alert:dog", "steer:dir"]
+    # a probe loaded from a folder is referenced, not copied; the json path works too
+    probe.save(tmp_path / "shared-probe")
+    ref = monitor.ProbeMonitor("dog", str(tmp_path / "shared-probe"))
+    p2 = monitor.save_monitors(tmp_path / "mon2" / "monitors.json", [ref])
+    spec = json.loads(p2.read_text())["monitors"][0]
+    assert spec["probe"] == "../shared-probe" and not (tmp_path / "mon2" / "probe-0").exists()
+    assert monitor.load_monitors(p2, gpt2)[0].probe.hook == HOOK
+    with pytest.raises(InputError, match="FunctionMonitor"):
+        monitor.save_monitors(tmp_path / "f", [monitor.FunctionMonitor("f", HOOK, lambda a: a[..., 0], 1.0)])
+
+
+def test_load_refuses_other_models_hooks_versions_and_bad_values(gpt2, probe, tiny_llama, tmp_path):
+    llama = tiny_llama[2]
+    path = monitor.save_monitors(tmp_path / "m", [monitor.ProbeMonitor("dog", probe)])
+    with pytest.raises(ArtifactMismatchError, match="probe"):
+        monitor.load_monitors(path, llama)
+    d = monitor.save_monitors(tmp_path / "d", [monitor.DirectionMonitor("d", HOOK, torch.ones(64))], model=gpt2)
+    with pytest.raises(ArtifactMismatchError, match="saved for"):
+        monitor.load_monitors(d, llama)
+
+    def edited(src, change):
+        doc = json.loads(src.read_text())
+        change(doc)
+        src.write_text(json.dumps(doc))
+        return src
+
+    edited(path, lambda doc: doc["monitors"][0].update(hook="blocks.0.hook_resid_post"))
+    with pytest.raises(ArtifactMismatchError, match="reads blocks.1.hook_resid_post"):
+        monitor.load_monitors(path, gpt2)
+    edited(path, lambda doc: doc["monitors"][0].update(hook=HOOK, threshold="high"))
+    with pytest.raises(InputError, match="threshold must be a finite number"):
+        monitor.load_monitors(path, gpt2)
+    edited(path, lambda doc: doc.update(schema_version=99))
+    with pytest.raises(CorruptFileError, match="schema_version 99"):
+        monitor.load_monitors(path, gpt2)
+    edited(path, lambda doc: doc.update(schema_version=1) or doc["monitors"][0].pop("kind"))
+    with pytest.raises(CorruptFileError, match="'kind'"):
+        monitor.load_monitors(path, gpt2)
+    with pytest.raises(CorruptFileError, match="save_monitors"):
+        monitor.load_monitors(tmp_path / "nothing", gpt2)

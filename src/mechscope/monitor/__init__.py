@@ -12,6 +12,7 @@ Step t reads the position that predicts token t (step 0: the prompt's last token
 block a generation before its first token.
 """
 
+from mechscope.monitor.files import SCHEMA_VERSION, load_monitors, save_monitors
 from mechscope.monitor.generation import generate_monitored
 from mechscope.monitor.monitors import (
     ACTIONS,
@@ -25,6 +26,6 @@ from mechscope.monitor.monitors import (
 from mechscope.monitor.runtime import MonitorRun
 from mechscope.monitor.trace import Alert, MonitoredGeneration, TokenTrace
 
-__all__ = ["ACTIONS", "Alert", "DirectionMonitor", "FeatureMonitor", "FunctionMonitor", "Monitor",
+__all__ = ["ACTIONS", "SCHEMA_VERSION", "Alert", "DirectionMonitor", "FeatureMonitor", "FunctionMonitor", "Monitor",
            "MonitorRun", "MonitoredGeneration", "ProbeMonitor", "TokenTrace", "check_monitors",
-           "generate_monitored"]
+           "generate_monitored", "load_monitors", "save_monitors"]

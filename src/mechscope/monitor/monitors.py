@@ -202,6 +202,7 @@ class DirectionMonitor(Monitor):
             raise InputError(f"DirectionMonitor {name!r}: direction must be a finite non-zero vector [d], got "
                              f"shape {tuple(d.shape)}.")
         super().__init__(name, hook, threshold, **common)
+        self.vector = d.cpu()  # [d] as given (what is saved, so a loaded monitor scores bit for bit the same)
         self.direction = (d / d.norm()).cpu()  # [d] unit, float32
         self._dir = self.direction
 
