@@ -42,14 +42,12 @@ def server(tiny_lm_folder, tmp_path_factory):
           monitor.DirectionMonitor("proj", "blocks.2.hook_resid_post", v2, threshold=0.0, action="record")]
     tmp = tmp_path_factory.mktemp("serve")
     mon_path = tmp / "monitors"
-    TEMP_INLINE = not hasattr(monitor, "save_monitors")  # TEMP until monitor-core lands save_monitors
-    if not TEMP_INLINE:
-        monitor.save_monitors(mon_path, ms)
+    monitor.save_monitors(mon_path, ms)
     log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed below)
     for _attempt in range(2):  # a port taken between _free_port and bind: one retry on another port
         port = _free_port()
         cmd = [sys.executable, "-m", "mechscope.cli", "serve", "--model", str(folder), "--port", str(port),
-               *([] if TEMP_INLINE else ["--monitors", str(mon_path)]), "--api-key", KEY, "--max-queue", str(MAX_QUEUE),
+               "--monitors", str(mon_path), "--api-key", KEY, "--max-queue", str(MAX_QUEUE),
                "--max-prompt-tokens", str(MAX_PROMPT), "--max-new-tokens", str(MAX_NEW),
                "--max-body-bytes", str(MAX_BODY), "--timeout", "60", "--threads", "1", "--log-level", "warning"]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MECHSCOPE_API_KEY": ""})
@@ -68,11 +66,6 @@ def server(tiny_lm_folder, tmp_path_factory):
     else:
         log.close()
         pytest.fail("mechscope serve did not start:\n" + (tmp / "server.log").read_text()[-3000:])
-    if TEMP_INLINE:
-        for m, v, h in zip(ms, (v1, v2), (HOOK, "blocks.2.hook_resid_post")):
-            spec = {"kind": "direction", "name": m.name, "hook": h, "direction": v.tolist(),
-                    "threshold": m.threshold, "action": m.action}
-            assert httpx.post(url + "/v1/monitors", json=spec, headers={"X-API-Key": KEY}).status_code == 201
     try:
         yield url, [m.name for m in ms], str(mon_path)
     finally:

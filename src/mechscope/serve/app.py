@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
@@ -422,6 +423,8 @@ def _build_monitors(req: AddMonitorRequest, model) -> list:
         extra = [k for k in ("name", "hook", "direction", "threshold") if getattr(req, k) is not None]
         if extra:
             raise ApiError(422, f'Fields {extra} belong to an inline monitor ("kind"), not to "file".')
+        if not os.path.exists(req.file):
+            raise ApiError(404, f"No monitors file or folder at {req.file!r} on the server.")
         try:
             loaded = list(monitor.load_monitors(req.file, model))
         except FileNotFoundError:
