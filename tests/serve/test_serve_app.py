@@ -95,6 +95,9 @@ def test_engine_bounded_queue_and_queue_timeout():
     late = eng.submit(Job("late", 1, [], time.monotonic() - 1))  # its deadline passed before it started
     with pytest.raises(QueueTimeoutError):
         late.result(10)
+    t0 = time.monotonic()
+    while eng.pending and time.monotonic() - t0 < 2:  # released by a done-callback, just after the result
+        time.sleep(0.01)
     assert eng.pending == 0
     eng.close()
 
@@ -153,3 +156,34 @@ def test_inline_direction_monitor_validation(model):
     assert c.post("/v1/monitors", json={**base, "direction": v}, headers=key).status_code == 409
     assert [m["name"] for m in c.get("/v1/monitors").json()] == ["dir"]
     assert c.delete("/v1/monitors/dir", headers=key).json()["monitors"] == []
+
+
+def test_closing_a_stream_stops_its_generation(model):
+    """A client that goes away mid-stream frees the worker at the next token (real uvicorn, in a thread)."""
+    import httpx
+    import uvicorn
+
+    from mechscope.serve import ServeConfig, create_app
+
+    app = create_app(model, [], ServeConfig(), generate_fn=fake_generate(delay=0.05))  # 100 tokens: 5 s
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        t0 = time.monotonic()
+        while not server.started and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            with c.stream("POST", "/v1/generate/stream", json={"prompt": "the cat", "max_new_tokens": 100}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("event: token"):
+                        break
+            t0 = time.monotonic()
+            while app.state.engine.pending and time.monotonic() - t0 < 5:
+                time.sleep(0.02)
+            assert app.state.engine.pending == 0 and time.monotonic() - t0 < 2.5
+            assert c.post("/v1/generate", json={"prompt": "the cat", "max_new_tokens": 2}).status_code == 200
+    finally:
+        server.should_exit = True
+        th.join(10)

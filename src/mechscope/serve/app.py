@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -200,6 +201,8 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
             return model.generate(prompt, max_new_tokens, monitors=monitors, on_token=on_token)
     engine = Engine(generate_fn, max_queue=cfg.max_queue, timeout_s=cfg.timeout_s, metrics=metrics)
     n_ctx = int(model.cfg.n_ctx)
+    model.to_tokens("warm up")  # a fast tokenizer resets its padding / truncation state on its first call: do
+    # that now, so later calls (the event loop counting prompt tokens while the worker generates) only read it
     model_name = str(getattr(model.cfg, "model_name", None) or "model")
 
     @asynccontextmanager
@@ -312,8 +315,13 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
         job, n_prompt, names = admit(req)
         t0 = time.monotonic()
         fut = submit(job)
-        try:
-            res = await asyncio.wrap_future(fut)
+        try:  # the worker honours the deadline between tokens; this bound also covers one stuck step
+            res = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)),
+                                         cfg.timeout_s + max(5.0, cfg.timeout_s / 2))
+        except asyncio.TimeoutError:
+            job.cancelled.set()
+            raise ApiError(503, f"The request did not finish within its timeout ({cfg.timeout_s:g} s).",
+                           headers={"Retry-After": str(engine.retry_after())}) from None
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
@@ -355,7 +363,7 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
                         continue
                     try:
                         res = item.result()
-                    except Exception as e:  # noqa: BLE001
+                    except (Exception, CancelledError) as e:  # noqa: BLE001 (cancelled: server shutdown)
                         err = failure(e)
                         yield sse("error", {"detail": err.detail, "status": err.status})
                     else:

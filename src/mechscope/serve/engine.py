@@ -149,46 +149,47 @@ class Engine:
                 raise QueueFullError(self.retry_after(), self._pending)
             self._pending += 1
         try:
-            return self._pool.submit(self._run, job)
+            fut = self._pool.submit(self._run, job)
         except BaseException:
-            with self._lock:
-                self._pending -= 1
+            self._release()
             raise
+        fut.add_done_callback(lambda _: self._release())  # finished, failed or cancelled while queued
+        return fut
+
+    def _release(self) -> None:
+        with self._lock:
+            self._pending -= 1
 
     async def run(self, job: Job) -> Any:
         """Submit and await; if the awaiting request is cancelled, the job is told to stop."""
         fut = self.submit(job)
-        try:
-            return await asyncio.wrap_future(fut)
+        try:  # shield: cancelling the awaiting task must not cancel the queued job (it stops via its flag)
+            return await asyncio.shield(asyncio.wrap_future(fut))
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
 
     def _run(self, job: Job) -> Any:
         """Worker thread: one generation, bounded by the job's deadline and cancel flag."""
-        try:
+        if job.cancelled.is_set():
+            raise CancelledJobError("The request was cancelled before it started.")
+        if time.monotonic() > job.deadline:
+            self.metrics.count("timeouts")
+            raise QueueTimeoutError(f"The request waited in the queue longer than its timeout "
+                                    f"({self.timeout_s:g} s) and was not started.")
+        job.started = time.monotonic()
+
+        def on_token(trace) -> bool:
+            if job.on_token is not None:
+                job.on_token(trace)
             if job.cancelled.is_set():
-                raise CancelledJobError("The request was cancelled before it started.")
+                return False
             if time.monotonic() > job.deadline:
-                self.metrics.count("timeouts")
-                raise QueueTimeoutError(f"The request waited in the queue longer than its timeout "
-                                        f"({self.timeout_s:g} s) and was not started.")
-            job.started = time.monotonic()
+                job.timed_out = True
+                return False
+            return True
 
-            def on_token(trace) -> bool:
-                if job.on_token is not None:
-                    job.on_token(trace)
-                if job.cancelled.is_set():
-                    return False
-                if time.monotonic() > job.deadline:
-                    job.timed_out = True
-                    return False
-                return True
-
-            return self.generate_fn(job.prompt, job.max_new_tokens, monitors=job.monitors, on_token=on_token)
-        finally:
-            with self._lock:
-                self._pending -= 1
+        return self.generate_fn(job.prompt, job.max_new_tokens, monitors=job.monitors, on_token=on_token)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
