@@ -274,7 +274,7 @@ def test_burst_beyond_the_queue_gets_429_not_a_hang(server):
         with httpx.Client(base_url=url, timeout=60) as c:
             barrier.wait()
             t0 = time.monotonic()
-            r = c.post("/v1/generate", json={"prompt": "The cat sat on the", "max_new_tokens": 48})
+            r = c.post("/v1/generate", json={"prompt": "The cat sat on the", "max_new_tokens": MAX_NEW})
             results[i] = (r.status_code, r.headers.get("retry-after"), time.monotonic() - t0, r.json())
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
@@ -285,6 +285,7 @@ def test_burst_beyond_the_queue_gets_429_not_a_hang(server):
         t.join(90)
     assert all(not t.is_alive() for t in threads), "a burst request hung"
     statuses = [r[0] for r in results]
+    print("burst statuses", sorted(statuses), "latencies", [round(r[2], 3) for r in results])
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(200) >= 1 and statuses.count(429) >= n - (MAX_QUEUE + 1) - 4, statuses
     for status, retry, dt, body in results:
