@@ -9,7 +9,9 @@ monitor costs is its hook; see benchmarks/monitor.py for the per-kind overhead),
 runs that many clients in threads, each sending `--requests` greedy POST /v1/generate requests back to back.
 Latency is measured at the client (queueing included: the service runs one generation at a time, so 4 clients
 see about 4x the single-client latency; that is the queue working, not overhead). Also reported: the server's
-own /metrics p50 / p95 over the same requests, and tokens/s. Prompts are chosen to run on (not hit EOS early);
+own /metrics p50 / p95 over the same requests, tokens/s, and the baseline: the same generations by
+`model.generate` in this process, without the service (1-client service p50 / direct p50 is the service's
+overhead: HTTP, JSON, validation, the worker hand-off). Prompts are chosen to run on (not hit EOS early);
 the mean number of tokens generated is printed next to the latencies.
 """
 
@@ -45,22 +47,29 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
 
 
-def save_monitors(model_name: str, n: int, folder: str) -> str | None:
+def make_monitors(model, n: int) -> list:
     from mechscope import monitor
-    from mechscope.models.loading import load_model
 
-    if n == 0:
-        return None
-    model = load_model(model_name)
     L = model.cfg.n_layers
     g = torch.Generator().manual_seed(0)
     layers = [round((i + 1) * (L - 1) / (n + 1)) for i in range(n)]
     ms = [monitor.DirectionMonitor(f"dir{i}", f"blocks.{layer}.hook_resid_post",
                                    torch.randn(model.cfg.d_model, generator=g), threshold=3.0, action="record")
           for i, layer in enumerate(layers)]
-    path = os.path.join(folder, "monitors")
-    monitor.save_monitors(path, ms)
-    return path
+    return ms
+
+
+def direct_latencies(model, monitors: list, requests: int, new_tokens: int, threads: int) -> tuple[list, list]:
+    """The same generations in this process without the service (the baseline of the 1-client row)."""
+    torch.set_num_threads(threads)
+    lat, toks = [], []
+    for r_id in range(requests + 1):
+        t0 = time.perf_counter()
+        res = model.generate(PROMPTS[r_id % len(PROMPTS)], new_tokens, monitors=monitors)
+        if r_id:  # the first is a warm-up
+            lat.append(time.perf_counter() - t0)
+            toks.append(len(res.token_ids))
+    return lat, toks
 
 
 def run_clients(url: str, clients: int, requests: int, new_tokens: int) -> tuple[list[float], list[int]]:
@@ -103,8 +112,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     p.add_argument("--out", default=None, help="also write the numbers as JSON here")
     a = p.parse_args()
+    from mechscope import monitor
+    from mechscope.models.loading import load_model
+
     tmp = tempfile.mkdtemp(prefix="mechscope-serve-bench-")
-    mon = save_monitors(a.model, a.monitors, tmp)
+    model = load_model(a.model)
+    monitors = make_monitors(model, a.monitors)
+    mon = None
+    if monitors:
+        mon = os.path.join(tmp, "monitors")
+        monitor.save_monitors(mon, monitors)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mechscope.cli", "serve", "--model", a.model, "--port", str(port),
@@ -142,6 +159,13 @@ def main() -> None:
                   f"{row['tokens_per_s']:.1f} tokens/s overall)")
         print(f"server /metrics over all requests: p50 {m['latency_s']['p50']:.3f} s  p95 {m['latency_s']['p95']:.3f} s "
               f"(queue wait p50 {m['queue_wait_s']['p50']:.3f} s)")
+        lat, toks = direct_latencies(model, monitors, a.requests, a.new_tokens, a.threads)
+        one = results.get("1_clients")
+        print(f"direct model.generate (no service, same monitors): p50 {percentile(lat, 50):.3f} s  "
+              f"p95 {percentile(lat, 95):.3f} s  ({sum(toks) / len(toks):.1f} tokens each)"
+              + (f"; 1-client service p50 / direct p50 = {one['p50_s'] / percentile(lat, 50):.2f}" if one else ""))
+        results["direct"] = {"p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95),
+                             "mean_tokens": sum(toks) / len(toks)}
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"model": a.model, "monitors": a.monitors, "threads": a.threads,

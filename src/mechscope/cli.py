@@ -419,18 +419,14 @@ def _add_trace_parser(sub) -> None:
 
 
 def _add_serve_parser(sub) -> None:
+    from mechscope.serve.config import ServeConfig
+
     p = sub.add_parser("serve", help="a local HTTP service: generation with monitors, a page, health and metrics")
     p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, folder or .gguf (default smollm2)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--monitors", default=None, help="a monitors file written by monitor.save_monitors")
-    p.add_argument("--api-key", default=None,
-                   help="key required in the X-API-Key header to add / remove monitors (default: $MECHSCOPE_API_KEY)")
-    p.add_argument("--max-queue", type=int, default=8, help="requests waiting behind the running one; more get 429")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queue wait included")
-    p.add_argument("--max-prompt-tokens", type=int, default=512)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    add_options(p, ServeConfig)  # --api-key, --max-queue, --timeout, ...: defaults from ServeConfig
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default=None)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -439,25 +435,21 @@ def _add_serve_parser(sub) -> None:
 def serve_command(args) -> None:
     import os
 
-    from mechscope.serve import ServeConfig, serve
+    from mechscope.serve import serve
+    from mechscope.serve.config import ServeConfig
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}.")
-    count("--max-queue", args.max_queue)
-    finite_float("--timeout", args.timeout, positive=True)
-    for flag in ("max_prompt_tokens", "max_new_tokens", "max_body_bytes"):
-        positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
-    key = args.api_key or os.environ.get("MECHSCOPE_API_KEY") or None
-    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    count("--threads", args.threads)
+    args.api_key = args.api_key or os.environ.get("MECHSCOPE_API_KEY") or None
+    cfg = config_from_args(ServeConfig, args)  # checks the limits (typed errors) before the model loads
+    if cfg.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"mechscope: warning: serving on {args.host} without an API key: anyone who can reach it may "
               "add or remove monitors (set --api-key or MECHSCOPE_API_KEY).", file=sys.stderr)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    cfg = ServeConfig(api_key=key, max_queue=args.max_queue, timeout_s=args.timeout,
-                      max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                      max_body_bytes=args.max_body_bytes)
     serve(args.model, host=args.host, port=args.port, monitors_file=args.monitors, config=cfg, device=args.device,
           log_level=args.log_level)
 # ---------------------------------------------------------------------------- end of mechscope serve

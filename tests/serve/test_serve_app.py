@@ -187,3 +187,17 @@ def test_closing_a_stream_stops_its_generation(model):
     finally:
         server.should_exit = True
         th.join(10)
+
+
+def test_cli_serve_options_are_serveconfig():
+    """`mechscope serve`'s limit options come from ServeConfig (one default, written once)."""
+    from mechscope.cli import _parser
+    from mechscope.options import config_from_args
+    from mechscope.serve import ServeConfig
+
+    sub = next(a for a in _parser()._actions if a.dest == "command").choices["serve"]
+    assert config_from_args(ServeConfig, sub.parse_args([])) == ServeConfig()
+    args = sub.parse_args(["--model", "m", "--port", "9", "--timeout", "2.5", "--max-queue", "0", "--api-key", "k"])
+    assert config_from_args(ServeConfig, args) == ServeConfig(api_key="k", timeout_s=2.5, max_queue=0)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        ServeConfig(max_new_tokens=0)

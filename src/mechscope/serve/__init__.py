@@ -11,6 +11,7 @@ FastAPI is imported only when an app is made, so `import mechscope` never needs 
 from __future__ import annotations
 
 from mechscope.errors import MissingDependencyError
+from mechscope.serve.config import ServeConfig
 
 __all__ = ["ServeConfig", "create_app", "run_server", "serve"]
 
@@ -24,15 +25,6 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingDependencyError(f"{_HINT} ({e})") from None
-
-
-def __getattr__(name: str):  # ServeConfig lives in app.py (which imports fastapi): load on first use
-    if name == "ServeConfig":
-        _require("fastapi")
-        from mechscope.serve.app import ServeConfig
-
-        return ServeConfig
-    raise AttributeError(f"module 'mechscope.serve' has no attribute {name!r}")
 
 
 def create_app(model, monitors=(), config=None, generate_fn=None):

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mechscope.errors import MechscopeError
+from mechscope.serve.config import ServeConfig
 from mechscope.serve.engine import CancelledJobError, Engine, Job, Metrics, QueueFullError, QueueTimeoutError
 from mechscope.serve.page import PAGE
 from mechscope.serve.registry import (
@@ -54,18 +54,6 @@ log = logging.getLogger("mechscope.serve")
 API_KEY_HEADER = "X-API-Key"
 RESIDUAL_WIDTH_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
                         "hook_embed", "ln_final.hook_normalized")
-
-
-@dataclass
-class ServeConfig:
-    """Limits and settings of one service (the CLI's options)."""
-
-    api_key: str | None = None  # required in X-API-Key on POST/DELETE /v1/monitors when set
-    max_queue: int = 8  # requests that may wait behind the running one; more get 429
-    timeout_s: float = 60.0  # per request, queue wait included; generation is cut at the next token
-    max_prompt_tokens: int = 512
-    max_new_tokens: int = 256
-    max_body_bytes: int = 1 << 20
 
 
 class ApiError(Exception):
@@ -288,6 +276,8 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
             return ApiError(503, str(e), headers={"Retry-After": str(engine.retry_after())})
         if isinstance(e, CancelledJobError):
             return ApiError(499, str(e))
+        if isinstance(e, CancelledError):  # the worker pool was shut down under the job
+            return ApiError(503, "The service is shutting down; retry.", headers={"Retry-After": "5"})
         if isinstance(e, MechscopeError):
             return ApiError(422, f"{type(e).__name__}: {e}")
         metrics.count("errors")
