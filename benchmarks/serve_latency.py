@@ -59,20 +59,14 @@ def make_monitors(model, n: int) -> list:
     return ms
 
 
-def direct_latencies(model, monitors: list, requests: int, new_tokens: int, threads: int) -> tuple[list, list]:
-    """The same generations in this process without the service (the baseline of the 1-client row)."""
-    torch.set_num_threads(threads)
-    lat, toks = [], []
-    for r_id in range(requests + 1):
-        t0 = time.perf_counter()
-        res = model.generate(PROMPTS[r_id % len(PROMPTS)], new_tokens, monitors=monitors)
-        if r_id:  # the first is a warm-up
-            lat.append(time.perf_counter() - t0)
-            toks.append(len(res.token_ids))
-    return lat, toks
+def direct_generation(model, monitors: list, prompt: str, new_tokens: int) -> tuple[float, int]:
+    """One generation in this process without the service: the baseline of the 1-client row."""
+    t0 = time.perf_counter()
+    res = model.generate(prompt, new_tokens, monitors=monitors)
+    return time.perf_counter() - t0, len(res.token_ids)
 
 
-def run_clients(url: str, clients: int, requests: int, new_tokens: int) -> tuple[list[float], list[int]]:
+def run_clients(url: str, clients: int, requests: int, new_tokens: int, offset: int = 0) -> tuple[list, list]:
     lat: list[float] = []
     toks: list[int] = []
     lock = threading.Lock()
@@ -81,7 +75,7 @@ def run_clients(url: str, clients: int, requests: int, new_tokens: int) -> tuple
     def client(c_id: int) -> None:
         with httpx.Client(base_url=url, timeout=600) as c:
             for r_id in range(requests):
-                prompt = PROMPTS[(c_id + r_id) % len(PROMPTS)]
+                prompt = PROMPTS[(c_id + r_id + offset) % len(PROMPTS)]
                 t0 = time.perf_counter()
                 r = c.post("/v1/generate", json={"prompt": prompt, "max_new_tokens": new_tokens})
                 dt = time.perf_counter() - t0
@@ -144,11 +138,25 @@ def main() -> None:
               f"{a.threads} threads, {a.new_tokens} new tokens")
         run_clients(url, 1, 1, a.new_tokens)  # warm-up (first-call allocations)
         results = {}
+        torch.set_num_threads(a.threads)
+        direct_generation(model, monitors, PROMPTS[0], a.new_tokens)  # warm-up
+        dlat: list[float] = []
         for n in (int(x) for x in a.clients.split(",")):
             before = httpx.get(url + "/metrics").json()["generations"]
             t0 = time.perf_counter()
-            lat, toks = run_clients(url, n, a.requests, a.new_tokens)
-            wall = time.perf_counter() - t0
+            if n == 1:  # interleaved with the direct baseline, so both see the same machine load
+                lat, toks, dlat, dtoks = [], [], [], []
+                for r_id in range(a.requests):
+                    sl, st = run_clients(url, 1, 1, a.new_tokens, offset=r_id)
+                    lat += sl
+                    toks += st
+                    dt, dn = direct_generation(model, monitors, PROMPTS[r_id % len(PROMPTS)], a.new_tokens)
+                    dlat.append(dt)
+                    dtoks.append(dn)
+                wall = sum(lat)
+            else:
+                lat, toks = run_clients(url, n, a.requests, a.new_tokens)
+                wall = time.perf_counter() - t0
             m = httpx.get(url + "/metrics").json()
             assert m["generations"] - before == len(lat)
             row = {"clients": n, "requests": len(lat), "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95),
@@ -159,13 +167,12 @@ def main() -> None:
                   f"{row['tokens_per_s']:.1f} tokens/s overall)")
         print(f"server /metrics over all requests: p50 {m['latency_s']['p50']:.3f} s  p95 {m['latency_s']['p95']:.3f} s "
               f"(queue wait p50 {m['queue_wait_s']['p50']:.3f} s)")
-        lat, toks = direct_latencies(model, monitors, a.requests, a.new_tokens, a.threads)
-        one = results.get("1_clients")
-        print(f"direct model.generate (no service, same monitors): p50 {percentile(lat, 50):.3f} s  "
-              f"p95 {percentile(lat, 95):.3f} s  ({sum(toks) / len(toks):.1f} tokens each)"
-              + (f"; 1-client service p50 / direct p50 = {one['p50_s'] / percentile(lat, 50):.2f}" if one else ""))
-        results["direct"] = {"p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95),
-                             "mean_tokens": sum(toks) / len(toks)}
+        if dlat:
+            d50 = percentile(dlat, 50)
+            print(f"direct model.generate (no service, same monitors, interleaved with the 1-client requests): "
+                  f"p50 {d50:.3f} s  p95 {percentile(dlat, 95):.3f} s  ({sum(dtoks) / len(dtoks):.1f} tokens each); "
+                  f"1-client service p50 / direct p50 = {results['1_clients']['p50_s'] / d50:.2f}")
+            results["direct"] = {"p50_s": d50, "p95_s": percentile(dlat, 95), "mean_tokens": sum(dtoks) / len(dtoks)}
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"model": a.model, "monitors": a.monitors, "threads": a.threads,
