@@ -289,3 +289,16 @@ def test_load_refuses_other_models_hooks_versions_and_bad_values(gpt2, probe, ti
         monitor.load_monitors(path, gpt2)
     with pytest.raises(CorruptFileError, match="save_monitors"):
         monitor.load_monitors(tmp_path / "nothing", gpt2)
+
+
+def test_monitor_from_json_spec(gpt2):
+    spec = {"kind": "direction", "name": "d", "hook": HOOK, "direction": [1.0] * 64, "threshold": 0.5,
+            "action": "alert", "window": 2}
+    m = monitor.monitor_from_json(spec, gpt2)
+    assert isinstance(m, monitor.DirectionMonitor) and m.window == 2 and m.action == "alert"
+    with pytest.raises(InputError, match="'threshold'"):
+        monitor.monitor_from_json({k: v for k, v in spec.items() if k != "threshold"}, gpt2)
+    with pytest.raises(InputError, match="list of numbers"):
+        monitor.monitor_from_json(spec | {"direction": [["x"]]}, gpt2)
+    with pytest.raises(HookNameError):
+        monitor.monitor_from_json(spec | {"hook": "blocks.7.hook_resid_post"}, gpt2)

@@ -12,7 +12,7 @@ Step t reads the position that predicts token t (step 0: the prompt's last token
 block a generation before its first token.
 """
 
-from mechscope.monitor.files import SCHEMA_VERSION, load_monitors, save_monitors
+from mechscope.monitor.files import SCHEMA_VERSION, load_monitors, monitor_from_json, save_monitors
 from mechscope.monitor.generation import generate_monitored
 from mechscope.monitor.monitors import (
     ACTIONS,
@@ -28,4 +28,5 @@ from mechscope.monitor.trace import Alert, MonitoredGeneration, TokenTrace
 
 __all__ = ["ACTIONS", "SCHEMA_VERSION", "Alert", "DirectionMonitor", "FeatureMonitor", "FunctionMonitor", "Monitor",
            "MonitorRun", "MonitoredGeneration", "ProbeMonitor", "TokenTrace", "check_monitors",
-           "generate_monitored", "load_monitors", "save_monitors"]
+           "generate_monitored", "load_monitors", "monitor_from_json",
+           "save_monitors"]

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from mechscope.errors import ArtifactMismatchError, CorruptFileError, InputError, OutputNotWritableError
+from mechscope.errors import (
+    ArtifactMismatchError,
+    CorruptFileError,
+    InputError,
+    MechscopeError,
+    OutputNotWritableError,
+)
 from mechscope.fileio import atomic_write_bytes, atomic_write_json
 from mechscope.models.identity import model_identity, same_model
 from mechscope.monitor.monitors import (
@@ -122,8 +128,6 @@ def load_monitors(path: str | os.PathLike, model, *, on_alert: Callable | None =
     number). on_alert: given to every loaded monitor with an alert / stop / steer action."""
     from safetensors import SafetensorError, safe_open
 
-    from mechscope.probes import load as load_probe
-    from mechscope.sae import load as load_sae
 
     folder, json_path, tensors_path = _paths(path)
     if not json_path.exists():
@@ -154,41 +158,76 @@ def load_monitors(path: str | os.PathLike, model, *, on_alert: Callable | None =
     if not isinstance(specs, list):
         raise CorruptFileError(f"{json_path}: 'monitors' must be a list.")
     out = []
-    for i, s in enumerate(specs):
-        if not isinstance(s, dict):
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
             raise CorruptFileError(f"{json_path}: monitor {i} is not an object.")
         try:
-            kind, name, hook = s["kind"], s["name"], s["hook"]
-            common = {"window": s.get("window", 1), "hysteresis": s.get("hysteresis", 0.0),
-                      "action": s.get("action", "record")}
-            if s.get("steer"):
-                common["steer"] = [_steer_from_json(d, folder, model) for d in s["steer"]]
-            if on_alert is not None and common["action"] != "record":
-                common["on_alert"] = on_alert
-            if kind == "probe":
-                probe = load_probe(folder / s["probe"], model=model, hook=hook)
-                m: Monitor = ProbeMonitor(name, probe, threshold=s["threshold"], **common)
-                m.source = folder / s["probe"]  # re-saving references it again
-            elif kind == "feature":
-                coder = load_sae(folder / s["sae"], device=model.device)
-                if coder.cfg.hook_in != hook:
-                    raise ArtifactMismatchError(f"Monitor {name!r}: the SAE at {s['sae']} reads {coder.cfg.hook_in}, "
-                                                f"but {json_path.name} says {hook}.")
-                m = FeatureMonitor(name, coder, latents=s["latents"], threshold=s["threshold"],
-                                   reduce=s.get("reduce", "max"), **common)
-                m.source = folder / s["sae"]
-            elif kind == "direction":
-                if s["direction"] not in tensors:
-                    raise CorruptFileError(f"{tensors_path} lacks the tensor {s['direction']!r} of monitor {name!r}.")
-                m = DirectionMonitor(name, hook, tensors[s["direction"]], threshold=s["threshold"], **common)
-            else:
-                raise CorruptFileError(f"{json_path}: monitor {name!r} has unknown kind {kind!r} (probe, feature, "
-                                       "direction; function monitors are never saved).")
+            out.append(_from_json(spec, model, folder, tensors, on_alert))
         except KeyError as e:
+            if isinstance(e, MechscopeError):  # HookNameError is a KeyError too
+                raise
             raise CorruptFileError(f"{json_path}: monitor {i} lacks the field {e.args[0]!r}.") from None
-        m.check(model)
-        out.append(m)
     return check_monitors(out)
 
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "load_monitors", "save_monitors"]
+def monitor_from_json(spec: dict[str, Any], model, *, base: str | os.PathLike | None = None,
+                      tensors: dict[str, torch.Tensor] | None = None, on_alert: Callable | None = None) -> Monitor:
+    """One monitor from its JSON spec (an entry of monitors.json, or what a service receives), checked against
+    `model`. Probe / SAE paths are relative to `base` (default: the working directory); a direction is a key
+    of `tensors` or an inline list of floats. A missing field or a bad value raises InputError."""
+    if not isinstance(spec, dict):
+        raise InputError(f"A monitor spec is a JSON object, got {type(spec).__name__}.")
+    try:
+        return _from_json(spec, model, Path(base) if base is not None else Path("."), tensors, on_alert)
+    except KeyError as e:
+        if isinstance(e, MechscopeError):  # HookNameError is a KeyError too
+            raise
+        raise InputError(f"The monitor spec lacks the field {e.args[0]!r} (needs kind, name, hook, threshold "
+                         "and the kind's own: probe, sae + latents, or direction).") from None
+
+
+def _from_json(spec: dict[str, Any], model, folder: Path, tensors: dict[str, torch.Tensor] | None,
+               on_alert: Callable | None) -> Monitor:
+    from mechscope.probes import load as load_probe
+    from mechscope.sae import load as load_sae
+
+    kind, name, hook = spec["kind"], spec["name"], spec["hook"]
+    common: dict[str, Any] = {"window": spec.get("window", 1), "hysteresis": spec.get("hysteresis", 0.0),
+                              "action": spec.get("action", "record")}
+    if spec.get("steer"):
+        steer = spec["steer"]
+        common["steer"] = [_steer_from_json(d, folder, model) for d in (steer if isinstance(steer, list) else [steer])]
+    if on_alert is not None and common["action"] != "record":
+        common["on_alert"] = on_alert
+    if kind == "probe":
+        probe = load_probe(folder / str(spec["probe"]), model=model, hook=hook)
+        m: Monitor = ProbeMonitor(name, probe, threshold=spec["threshold"], **common)
+        m.source = folder / str(spec["probe"])  # re-saving references it again
+    elif kind == "feature":
+        coder = load_sae(folder / str(spec["sae"]), device=model.device)
+        if coder.cfg.hook_in != hook:
+            raise ArtifactMismatchError(f"Monitor {name!r}: the SAE at {spec['sae']} reads {coder.cfg.hook_in}, "
+                                        f"but the monitor spec says {hook}.")
+        m = FeatureMonitor(name, coder, latents=spec["latents"], threshold=spec["threshold"],
+                           reduce=spec.get("reduce", "max"), **common)
+        m.source = folder / str(spec["sae"])
+    elif kind == "direction":
+        d = spec["direction"]
+        if isinstance(d, str):
+            if tensors is None or d not in tensors:
+                raise CorruptFileError(f"The tensor {d!r} of monitor {name!r} is missing from monitors.safetensors.")
+            d = tensors[d]
+        else:
+            try:
+                d = torch.tensor(d, dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise InputError(f"Monitor {name!r}: direction must be a list of numbers.") from None
+        m = DirectionMonitor(name, hook, d, threshold=spec["threshold"], **common)
+    else:
+        raise CorruptFileError(f"Monitor {name!r} has unknown kind {kind!r} (probe, feature, direction; function "
+                               "monitors are never saved).")
+    m.check(model)
+    return m
+
+
+__all__ = ["FORMAT", "SCHEMA_VERSION", "load_monitors", "monitor_from_json", "save_monitors"]
