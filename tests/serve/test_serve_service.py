@@ -125,6 +125,12 @@ def test_valid_requests(server):
         got = c.post("/v1/generate", json={"prompt": "The cat", "max_new_tokens": 2, "monitors": ["added"]}).json()
         assert set(got["trace"][0]["scores"]) == {"added"}
         assert c.delete("/v1/monitors/added", headers={"X-API-Key": KEY}).status_code == 200
+        # any monitor spec (as in monitors.json), here a direction
+        sp = {"spec": {"kind": "direction", "name": "spec1", "hook": HOOK, "direction": v, "threshold": 0.5,
+                       "action": "alert", "window": 2}}
+        r = c.post("/v1/monitors", json=sp, headers={"X-API-Key": KEY})
+        assert r.status_code == 201 and r.json()["added"] == ["spec1"], r.text
+        assert c.delete("/v1/monitors/spec1", headers={"X-API-Key": KEY}).status_code == 200
         # a stop monitor that fires on the prompt blocks the first token: nothing is emitted
         stop = {**spec, "name": "stopper", "threshold": -1e6, "action": "stop"}
         assert c.post("/v1/monitors", json=stop, headers={"X-API-Key": KEY}).status_code == 201
@@ -221,6 +227,15 @@ def malformed_requests(mon_file: str) -> list[tuple[str, str, dict, bytes | None
              ({**good, "file": mon_file}, 422), ({"file": mon_file, "name": "x"}, 422),
              ({"file": "/nonexistent/monitors"}, 404), ({"file": mon_file, "names": ["zzz"]}, 404),
              ({"file": mon_file}, 409), ({**good, "name": "always"}, 409), ({"file": ""}, 422), ({"file": 3}, 422)]
+    sgood = {"kind": "direction", "name": "s1", "hook": HOOK, "direction": [1.0] * 32, "threshold": 1.0}
+    specs += [({"spec": {**sgood, "hook": "blocks.0.mlp.hook_post"}}, 422),  # width 64 != 32: the trial run
+              ({"spec": {**sgood, "kind": "probe", "probe": "/nonexistent/probe"}}, 422),
+              ({"spec": {**sgood, "kind": "feature", "sae": "/nonexistent/sae", "latents": [1]}}, 422),
+              ({"spec": {**sgood, "kind": "nope"}}, 422), ({"spec": {}}, 422), ({"spec": {"kind": "direction"}}, 422),
+              ({"spec": {**sgood, "direction": "vec"}}, 422), ({"spec": {**sgood, "threshold": "x"}}, 422),
+              ({"spec": {**sgood, "hook": "nonsense"}}, 422), ({"spec": {**sgood, "action": "steer"}}, 422),
+              ({"spec": "x"}, 422), ({"spec": [sgood]}, 422), ({"spec": sgood, "file": mon_file}, 422),
+              ({"spec": sgood, "name": "x"}, 422), ({"spec": {**sgood, "name": "always"}}, 409)]
     out += [("POST", "/v1/monitors", K, body(s), st) for s, st in specs]
     out.append(("POST", "/v1/monitors", K, b'{"kind": "direction", "name": "n", "hook": "' + HOOK.encode()
                 + b'", "direction": [1.0], "threshold": NaN}', 422))

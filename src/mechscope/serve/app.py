@@ -375,8 +375,26 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
         """Load monitors from a saved monitors file (on the server's disk), or add an inline direction monitor."""
         check_key(request)
         req = await _parse(request, AddMonitorRequest)
+        new = await asyncio.to_thread(_build_monitors, req, model)  # may read probe / SAE files
+        taken = [str(m.name) for m in new if str(m.name) in registry.names()]
+        if taken and not req.replace:
+            raise ApiError(409, f"Monitor(s) {taken} are already loaded; DELETE /v1/monitors/{{name}} first, or "
+                                f'pass "replace": true.')
+        # a one-token trial generation (on the worker, like any request) catches what only a forward shows,
+        # e.g. a direction whose width is not the hook's, before the monitor can fail real requests
+        trial = Job("Hello", 1, list(new), deadline=time.monotonic() + cfg.timeout_s)
         try:
-            new = _build_monitors(req, model)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(submit(trial))), cfg.timeout_s + 5)
+        except asyncio.TimeoutError:
+            trial.cancelled.set()
+            raise ApiError(503, "The trial run of the new monitor(s) did not finish in time; retry.",
+                           headers={"Retry-After": str(engine.retry_after())}) from None
+        except Exception as e:  # noqa: BLE001
+            err = failure(e)
+            if err.status in (422, 500):
+                raise ApiError(422, f"The monitor(s) fail on this model: {err.detail}") from None
+            raise err from None
+        try:
             added = registry.add(new, replace=req.replace)
         except DuplicateMonitorError as e:
             raise ApiError(409, str(e)) from None
@@ -415,8 +433,17 @@ def _build_monitors(req: AddMonitorRequest, model) -> list:
     """The monitors an AddMonitorRequest describes (typed monitor errors become 422 / 404)."""
     from mechscope import monitor
 
-    if (req.file is None) == (req.kind is None):
-        raise ApiError(422, 'Send either "file" (a saved monitors file) or "kind": "direction" with its fields.')
+    if sum(x is not None for x in (req.file, req.spec, req.kind)) != 1:
+        raise ApiError(422, 'Send one of "file" (a saved monitors file), "spec" (one monitor spec as in '
+                            'monitors.json) or "kind": "direction" with its fields.')
+    if req.spec is not None:
+        extra = [k for k in ("names", "name", "hook", "direction", "threshold") if getattr(req, k) is not None]
+        if extra:
+            raise ApiError(422, f'Fields {extra} go inside "spec", not next to it.')
+        try:
+            return [monitor.monitor_from_json(req.spec, model)]
+        except (MechscopeError, KeyError, ValueError, TypeError, OSError) as e:
+            raise ApiError(422, f"Bad monitor spec: {type(e).__name__}: {str(e)[:300]}") from None
     if req.file is not None:
         extra = [k for k in ("name", "hook", "direction", "threshold") if getattr(req, k) is not None]
         if extra:

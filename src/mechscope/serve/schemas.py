@@ -32,11 +32,14 @@ ACTIONS = ("record", "alert", "stop", "steer")
 
 
 class AddMonitorRequest(_Strict):
-    """POST /v1/monitors: either `file` (a monitors JSON written by monitor.save_monitors, on the server's
-    disk; `names` picks some of its monitors) or an inline direction monitor (`kind` "direction")."""
+    """POST /v1/monitors, one of: `file` (a monitors folder / JSON written by monitor.save_monitors, on the
+    server's disk; `names` picks some of its monitors), `spec` (one monitor spec as in monitors.json, any kind:
+    probe / feature paths on the server's disk, a direction inline), or an inline direction monitor
+    (`kind` "direction" with name, hook, direction, threshold)."""
 
     file: str | None = Field(None, min_length=1, max_length=4096)
     names: list[str] | None = Field(None, max_length=256)
+    spec: dict | None = None
     kind: Literal["direction"] | None = None
     name: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     hook: str | None = Field(None, min_length=1, max_length=256)
