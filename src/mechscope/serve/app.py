@@ -156,6 +156,11 @@ class _CountRequests:
             self.metrics.request(scope.get("method", "?"), getattr(route, "path", "unmatched"), status[0] or 500)
 
 
+def _body(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of an endpoint that parses its body itself (see _parse)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
     """Content type, JSON and schema checks of a request body, each with its own status and message."""
     ctype = request.headers.get("content-type", "")
@@ -298,7 +303,7 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
 
     errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 422, 429, 503)}
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses=errors)
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=errors, openapi_extra=_body(GenerateRequest))
     async def generate(request: Request):
         """Generate with monitors; the whole trace in one JSON response."""
         req = await _parse(request, GenerateRequest)
@@ -319,7 +324,7 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
             raise failure(e) from None
         return respond(job, res, n_prompt, names, t0)
 
-    @app.post("/v1/generate/stream", responses=errors)
+    @app.post("/v1/generate/stream", responses=errors, openapi_extra=_body(GenerateRequest))
     async def generate_stream(request: Request):
         """Server-sent events: `start`, one `token` per step (token, scores, fired), then `done` (the same
         JSON as /v1/generate) or `error` ({"detail", "status"})."""
@@ -370,7 +375,8 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
     async def list_monitors():
         return registry.infos()
 
-    @app.post("/v1/monitors", response_model=MonitorsChanged, status_code=201, responses=errors)
+    @app.post("/v1/monitors", response_model=MonitorsChanged, status_code=201, responses=errors,
+              openapi_extra=_body(AddMonitorRequest))
     async def add_monitors(request: Request):
         """Load monitors from a saved monitors file (on the server's disk), or add an inline direction monitor."""
         check_key(request)

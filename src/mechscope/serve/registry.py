@@ -6,11 +6,14 @@ list of monitor objects) when it is admitted, so a later DELETE never changes a 
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Iterable, Sequence
 
 from mechscope.serve.schemas import AlertOut, MonitorInfo, TokenOut
+
+COMMON = ("name", "kind", "hook", "threshold", "action", "window", "hysteresis")
 
 
 class UnknownMonitorError(LookupError):
@@ -41,7 +44,8 @@ def describe(m) -> MonitorInfo:
                        threshold=finite(d.get("threshold", getattr(m, "threshold", None))),
                        action=d.get("action", getattr(m, "action", None)),
                        window=int(window) if isinstance(window, int) else None,
-                       hysteresis=finite(d.get("hysteresis", getattr(m, "hysteresis", None))))
+                       hysteresis=finite(d.get("hysteresis", getattr(m, "hysteresis", None))),
+                       details=json.loads(json.dumps({k: v for k, v in d.items() if k not in COMMON}, default=str)))
 
 
 class MonitorRegistry:

@@ -61,6 +61,7 @@ class MonitorInfo(BaseModel):
     action: str | None = None
     window: int | None = None
     hysteresis: float | None = None
+    details: dict = Field({}, description="the kind's own fields (latents, reduce, probe / SAE source ...)")
 
 
 class MonitorsChanged(BaseModel):
