@@ -113,6 +113,9 @@ def test_streamed_events_match_the_json_response(model):
               for b in raw.strip().split("\n\n")]
     assert [e for e, _ in events] == ["start", "token", "token", "token", "token", "done"]
     assert [d["token"] for e, d in events if e == "token"] == [t["token"] for t in events[-1][1]["trace"]]
+    api = c.get("/openapi.json").json()  # the hand-parsed bodies are still documented
+    body = api["paths"]["/v1/generate/stream"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"prompt", "max_new_tokens", "monitors"} and body["required"] == ["prompt"]
 
 
 def test_without_the_extra_a_typed_error(model, monkeypatch, capsys):
