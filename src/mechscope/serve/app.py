@@ -1,9 +1,8 @@
 """The FastAPI app of `mechscope serve`: monitored generation over HTTP, validated at the edge.
 
 Every malformed request gets a 4xx JSON body `{"detail": "<one clear line>"}` and never reaches the model:
-bodies are read and parsed here (415 wrong content type, 413 too large, 400 not JSON, 422 wrong fields or
-limits, 404 unknown monitors / routes, 401 missing API key), not by FastAPI's implicit body parsing, so
-each failure has its own status and message. Generation runs on the engine's worker thread (engine.py);
+http.py parses bodies (415, 413, 400, 422); here the limits that depend on the settings and the model (422),
+unknown monitors and routes (404), wrong methods (405) and the API key (401) are checked. Generation runs on the engine's worker thread (engine.py);
 the event loop only parses, admits (429 + Retry-After when the queue is full) and awaits.
 """
 
@@ -12,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -22,13 +20,22 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mechscope.errors import MechscopeError
 from mechscope.serve.config import ServeConfig
 from mechscope.serve.engine import CancelledJobError, Engine, Job, Metrics, QueueFullError, QueueTimeoutError
+from mechscope.serve.http import (
+    ApiError,
+    BodyLimit,
+    CountRequests,
+    body_schema,
+    error_response,
+    field_errors,
+    parse_body,
+)
 from mechscope.serve.page import PAGE
 from mechscope.serve.registry import (
     DuplicateMonitorError,
@@ -50,136 +57,9 @@ from mechscope.serve.schemas import (
     QueueInfo,
 )
 
-log = logging.getLogger("mechscope.serve")
 API_KEY_HEADER = "X-API-Key"
 RESIDUAL_WIDTH_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
                         "hook_embed", "ln_final.hook_normalized")
-
-
-class ApiError(Exception):
-    """An HTTP error with a one-line message (and optional headers, e.g. Retry-After)."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None,
-                 errors: list[dict] | None = None):
-        super().__init__(detail)
-        self.status, self.detail, self.headers, self.errors = status, detail, headers, errors
-
-
-def _error(status: int, detail: str, headers=None, errors=None) -> JSONResponse:
-    body = ErrorResponse(detail=detail, errors=errors).model_dump(exclude_none=True)
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _short(x: Any, n: int = 60) -> str:
-    r = repr(x)
-    return r if len(r) <= n else r[: n - 3] + "..."
-
-
-def _field_errors(errors: Sequence[dict]) -> tuple[str, list[dict]]:
-    """pydantic errors -> ('prompt: Field required; max_new_tokens: ...', [{loc, msg, type}]) (JSON-safe)."""
-    clean, parts = [], []
-    for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        where = ".".join(loc) or "body"
-        msg = str(e.get("msg", "invalid"))
-        if e.get("type") not in ("missing", "extra_forbidden") and "input" in e:
-            msg += f" (got {_short(e['input'])})"
-        if e.get("type") == "extra_forbidden":
-            msg = "unknown field (check the spelling; see the API's request models)"
-        parts.append(f"{where}: {msg}")
-        clean.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
-    return "; ".join(parts[:8]) + (f"; ... ({len(parts)} errors)" if len(parts) > 8 else ""), clean
-
-
-class _BodyLimit:
-    """ASGI middleware: 413 for a Content-Length over the limit; a streamed body that grows past it raises
-    ApiError(413) from receive(), i.e. inside the endpoint that reads it."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                n = -1
-            if n < 0 or n > self.max_bytes:
-                status, detail = ((413, f"Request body of {n} bytes is over the limit of {self.max_bytes} bytes.")
-                                  if n > self.max_bytes else (400, "Invalid Content-Length header."))
-                return await _error(status, detail)(scope, receive, send)
-        seen = 0
-        limit = self.max_bytes
-
-        async def limited():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise ApiError(413, f"Request body is over the limit of {limit} bytes.")
-            return msg
-
-        return await self.app(scope, limited, send)
-
-
-class _CountRequests:
-    """ASGI middleware: count every response by method, route template and status (for /metrics), and turn an
-    unexpected exception (a bug) into a 500 JSON body for that request alone, logged, the connection kept."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = [0]
-
-        async def recording(msg):
-            if msg["type"] == "http.response.start":
-                status[0] = msg["status"]
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, recording)
-        except Exception as e:  # noqa: BLE001 (anything that escaped the handlers)
-            log.exception("error while serving %s %s", scope.get("method"), scope.get("path"))
-            if status[0] == 0:
-                await _error(500, f"Internal error ({type(e).__name__}): {str(e)[:300]}")(scope, receive, recording)
-            else:
-                status[0] = status[0] or 500
-        finally:
-            route = scope.get("route")
-            self.metrics.request(scope.get("method", "?"), getattr(route, "path", "unmatched"), status[0] or 500)
-
-
-def _body(model: type[BaseModel]) -> dict:
-    """The OpenAPI request body of an endpoint that parses its body itself (see _parse)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    """Content type, JSON and schema checks of a request body, each with its own status and message."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}.")
-    body = await request.body()
-    if not body.strip():
-        raise ApiError(400, "The request body is empty; send a JSON object.")
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ApiError(400, f"The request body is not valid JSON: {str(e)[:200]}") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, f"The request body must be a JSON object, got a JSON {type(data).__name__}.")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        detail, errors = _field_errors(e.errors(include_url=False))
-        raise ApiError(422, detail, errors=errors) from None
 
 
 def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None,
@@ -206,27 +86,27 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
     app = FastAPI(title="mechscope serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Monitored generation: probes, SAE features and directions read per token.")
     app.state.engine, app.state.registry, app.state.metrics, app.state.config = engine, registry, metrics, cfg
-    app.add_middleware(_BodyLimit, max_bytes=cfg.max_body_bytes)
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)
 
     # ------------------------------------------------------------------ errors: always {"detail": str}
     @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError):
-        return _error(e.status, e.detail, e.headers, e.errors)
+    async def _apierror_response(request: Request, e: ApiError):
+        return error_response(e.status, e.detail, e.headers, e.errors)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        detail, errors = _field_errors(e.errors())
-        return _error(422, detail, errors=errors)
+    async def _validationerror_response(request: Request, e: RequestValidationError):
+        detail, errors = field_errors(e.errors())
+        return error_response(422, detail, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
+    async def _httperror_response(request: Request, e: StarletteHTTPException):
         detail = str(e.detail)
         if e.status_code == 404 and detail == "Not Found":
             detail = f"No route {request.method} {request.url.path}; see GET /openapi.json for the API."
         elif e.status_code == 405:
             detail = f"Method {request.method} is not allowed on {request.url.path}."
-        return _error(e.status_code, detail, getattr(e, "headers", None))
+        return error_response(e.status_code, detail, getattr(e, "headers", None))
 
     def check_key(request: Request) -> None:
         if cfg.api_key is None:
@@ -303,10 +183,10 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
 
     errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 422, 429, 503)}
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses=errors, openapi_extra=_body(GenerateRequest))
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=errors, openapi_extra=body_schema(GenerateRequest))
     async def generate(request: Request):
         """Generate with monitors; the whole trace in one JSON response."""
-        req = await _parse(request, GenerateRequest)
+        req = await parse_body(request, GenerateRequest)
         job, n_prompt, names = admit(req)
         t0 = time.monotonic()
         fut = submit(job)
@@ -324,11 +204,11 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
             raise failure(e) from None
         return respond(job, res, n_prompt, names, t0)
 
-    @app.post("/v1/generate/stream", responses=errors, openapi_extra=_body(GenerateRequest))
+    @app.post("/v1/generate/stream", responses=errors, openapi_extra=body_schema(GenerateRequest))
     async def generate_stream(request: Request):
         """Server-sent events: `start`, one `token` per step (token, scores, fired), then `done` (the same
         JSON as /v1/generate) or `error` ({"detail", "status"})."""
-        req = await _parse(request, GenerateRequest)
+        req = await parse_body(request, GenerateRequest)
         job, n_prompt, names = admit(req)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -376,11 +256,11 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
         return registry.infos()
 
     @app.post("/v1/monitors", response_model=MonitorsChanged, status_code=201, responses=errors,
-              openapi_extra=_body(AddMonitorRequest))
+              openapi_extra=body_schema(AddMonitorRequest))
     async def add_monitors(request: Request):
         """Load monitors from a saved monitors file (on the server's disk), or add an inline direction monitor."""
         check_key(request)
-        req = await _parse(request, AddMonitorRequest)
+        req = await parse_body(request, AddMonitorRequest)
         new = await asyncio.to_thread(_build_monitors, req, model)  # may read probe / SAE files
         taken = [str(m.name) for m in new if str(m.name) in registry.names()]
         if taken and not req.replace:
