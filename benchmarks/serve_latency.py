@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
@@ -59,10 +60,13 @@ def make_monitors(model, n: int) -> list:
     return ms
 
 
+_WORKER = ThreadPoolExecutor(max_workers=1)  # the service generates on a worker thread: so does the baseline
+
+
 def direct_generation(model, monitors: list, prompt: str, new_tokens: int) -> tuple[float, int]:
     """One generation in this process without the service: the baseline of the 1-client row."""
     t0 = time.perf_counter()
-    res = model.generate(prompt, new_tokens, monitors=monitors)
+    res = _WORKER.submit(model.generate, prompt, new_tokens, monitors=monitors).result()
     return time.perf_counter() - t0, len(res.token_ids)
 
 
@@ -103,12 +107,14 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=8, help="requests per client")
     p.add_argument("--clients", default="1,4")
     p.add_argument("--monitors", type=int, default=3, help="direction monitors loaded (0: none)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the server and of the baseline (1: fastest on a busy 2-core machine)")
     p.add_argument("--out", default=None, help="also write the numbers as JSON here")
     a = p.parse_args()
     from mechscope import monitor
     from mechscope.models.loading import load_model
 
+    torch.set_num_threads(a.threads)
     tmp = tempfile.mkdtemp(prefix="mechscope-serve-bench-")
     model = load_model(a.model)
     monitors = make_monitors(model, a.monitors)
@@ -138,7 +144,6 @@ def main() -> None:
               f"{a.threads} threads, {a.new_tokens} new tokens")
         run_clients(url, 1, 1, a.new_tokens)  # warm-up (first-call allocations)
         results = {}
-        torch.set_num_threads(a.threads)
         direct_generation(model, monitors, PROMPTS[0], a.new_tokens)  # warm-up
         dlat: list[float] = []
         for n in (int(x) for x in a.clients.split(",")):
