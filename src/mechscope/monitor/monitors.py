@@ -98,6 +98,28 @@ class Monitor:
                 f"action={self.action!r})")
 
 
+_D_MODEL = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+            "hook_normalized", "hook_embed", "hook_pos_embed")
+
+
+def known_width(model, hook: str) -> int | None:
+    """Features per token at `hook` when the config says it without a forward (residual-stream points: d_model;
+    MLP hidden: d_mlp), else None (checked on the first forward instead)."""
+    if hook.endswith(_D_MODEL):
+        return model.cfg.d_model
+    if hook.endswith(("mlp.hook_pre", "mlp.hook_post")) and model.cfg.d_mlp:
+        return model.cfg.d_mlp
+    return None
+
+
+def _artifact_width(model, monitor: Monitor, d: int, what: str) -> None:
+    have = known_width(model, monitor.hook)
+    if have is not None and have != d:
+        raise ArtifactMismatchError(f"Monitor {monitor.name!r}: the {what} reads {d}-dimensional rows but "
+                                    f"{monitor.hook} has width {have} in this model: it belongs to another model "
+                                    "or hook.")
+
+
 def _width_check(act: torch.Tensor, d: int, monitor: Monitor) -> None:
     if act.shape[-1] != d:
         raise InputError(f"Monitor {monitor.name!r} reads {d}-dimensional rows but {monitor.hook} has width "
@@ -128,6 +150,7 @@ class ProbeMonitor(Monitor):
     def check(self, model) -> None:
         super().check(model)
         self.probe.check_model(model)  # ArtifactMismatchError for another model's probe
+        _artifact_width(model, self, self._w.shape[0], "probe")
 
     def score(self, act):
         _width_check(act, self._w.shape[0], self)
@@ -143,7 +166,7 @@ class FeatureMonitor(Monitor):
 
     kind = "feature"
 
-    def __init__(self, name: str, coder, latents: int | Sequence[int] = (0,), threshold: float = 1.0,
+    def __init__(self, name: str, coder, latents: int | Sequence[int], threshold: float = 1.0,
                  reduce: str = "max", **common) -> None:
         from mechscope.sae import SparseCoder, load
 
@@ -169,6 +192,7 @@ class FeatureMonitor(Monitor):
 
     def check(self, model) -> None:
         super().check(model)
+        _artifact_width(model, self, self.coder.cfg.d_in, "SAE")
         want = self.coder.cfg.model_identity
         if want:
             key = same_model(want, model_identity(model))
@@ -205,6 +229,13 @@ class DirectionMonitor(Monitor):
         self.vector = d.cpu()  # [d] as given (what is saved, so a loaded monitor scores bit for bit the same)
         self.direction = (d / d.norm()).cpu()  # [d] unit, float32
         self._dir = self.direction
+
+    def check(self, model) -> None:
+        super().check(model)
+        have = known_width(model, self.hook)
+        if have is not None and have != self.direction.shape[0]:
+            raise InputError(f"Monitor {self.name!r}: the direction has {self.direction.shape[0]} dimensions but "
+                             f"{self.hook} has width {have}.")
 
     def score(self, act):
         _width_check(act, self.direction.shape[0], self)

@@ -94,7 +94,7 @@ class MonitorRun:
             missing = [n for n in names if n not in self._raw]
             if missing:
                 raise InputError(f"Monitors {missing} were not scored by this forward (their hook did not run).")
-            table = torch.stack([self._raw[n].double().to("cpu") for n in names], 1).tolist()  # [B, M], one sync
+            table = torch.stack([self._raw[n].double() for n in names], 1).cpu().tolist()  # [B, M], one sync
         else:
             table = [[] for _ in range(next_ids.shape[0])]
         self._raw.clear()
