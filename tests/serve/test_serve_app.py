@@ -60,7 +60,7 @@ def test_timeout_cuts_generation_at_a_token(model):
     assert time.monotonic() - t0 < 3.0  # 100 tokens would take >= 5 s
     body = r.json()
     assert r.status_code == 200 and body["timed_out"] and body["stopped_by"] == "timeout"
-    assert 2 <= body["n_tokens"] < 50
+    assert 1 <= body["n_tokens"] < 50  # ~6 at 0.05 s a token; fewer on a stalled machine
     assert c.get("/metrics").json()["timeouts"] == 1
 
 
