@@ -3,7 +3,7 @@
 One self-contained HTML string (inline CSS and JS, no CDN, no external request, not even a favicon), so it
 works offline and on a machine that cannot reach the internet. It reads the SSE stream of
 POST /v1/generate/stream with fetch() (EventSource cannot POST). Colour: for each token, the highest
-monitor score relative to its threshold, (score - threshold) / max(|threshold|, 1), from green (well below)
+monitor score (or the one monitor chosen in "colour by") relative to its threshold, (score - threshold) / max(|threshold|, 1), from green (well below)
 through yellow (at the threshold) to red (above); a token on which a monitor fired is outlined.
 """
 
@@ -42,6 +42,7 @@ PAGE = r"""<!doctype html>
  <button id="stop" disabled>Stop</button>
 </div>
 <div class="row" id="monitors"></div>
+<div class="row"><label>colour by <select id="colour-by"><option value="">highest over monitors</option></select></label></div>
 <div class="legend"><span style="background:hsl(120,80%,82%)">below threshold</span><span
  style="background:hsl(60,80%,82%)">at threshold</span><span style="background:hsl(0,80%,82%)">above</span>
  <span style="outline:2px solid #b00020">monitor fired</span></div>
@@ -73,13 +74,17 @@ async function loadInfo() {
     cb.type = "checkbox"; cb.checked = true; cb.value = m.name; cb.className = "monitor";
     label.append(cb, ` ${m.name} (${m.kind}, ${m.action}, threshold ${m.threshold})`);
     box.append(label);
+    const opt = document.createElement("option");
+    opt.value = m.name; opt.textContent = m.name;
+    $("colour-by").append(opt);
   }
 }
 
 function colour(scores) {
   let best = null;
+  const only = $("colour-by").value;
   for (const [name, s] of Object.entries(scores || {})) {
-    if (s === null || s === undefined) continue;
+    if (s === null || s === undefined || (only && name !== only)) continue;
     const thr = monitors[name] && monitors[name].threshold !== null ? monitors[name].threshold : 0;
     const v = (s - thr) / Math.max(Math.abs(thr), 1);
     if (best === null || v > best) best = v;
@@ -96,6 +101,7 @@ function addToken(ev) {
   const fired = Object.entries(ev.fired || {}).filter(([, f]) => f).map(([n]) => n);
   if (ev.token === null) { span.classList.add("blocked"); span.textContent = "⛔"; }
   else span.textContent = ev.token;
+  span.dataset.scores = JSON.stringify(ev.scores || {});
   const bg = colour(ev.scores);
   if (bg) span.style.backgroundColor = bg;
   if (fired.length) span.classList.add("fired");
@@ -173,6 +179,11 @@ async function generate() {
 }
 
 $("generate").addEventListener("click", generate);
+$("colour-by").addEventListener("change", () => {
+  for (const span of document.querySelectorAll("#output span.tok")) {
+    span.style.backgroundColor = colour(JSON.parse(span.dataset.scores || "{}")) || "";
+  }
+});
 $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
 loadInfo().catch((e) => status(`cannot reach the service: ${e.message}`, true));
 </script>
