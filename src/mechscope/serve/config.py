@@ -16,7 +16,7 @@ class ServeConfig:
     """Limits and settings of one service (checked on construction: typed InputError)."""
 
     api_key: str | None = option(None, help="key required in the X-API-Key header to add / remove monitors "
-                                             "(default: $MECHSCOPE_API_KEY; none: open, on 127.0.0.1 only)")
+                                             "(CLI default: $MECHSCOPE_API_KEY; without one these are open)")
     max_queue: int = option(8, help="requests that may wait behind the running one; more get 429 + Retry-After")
     timeout_s: float = option(60.0, flag="--timeout", help="seconds per request, queue wait included; generation "
                                                            "is cut at the next token")
