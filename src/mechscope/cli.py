@@ -23,6 +23,8 @@
                                   causal tracing (Meng et al. 2022): indirect-effect heatmap PNG + JSON
     mechscope edit --prompt P --subject S --target T --out DIR
                                   write a fact with ROME (MEMIT: --requests FILE.json); saves the edited model
+    mechscope serve --model M --port P [--host 127.0.0.1] [--monitors FILE] [--api-key K]
+                                  a local HTTP service: generation with monitors (JSON and SSE), a page at /
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import argparse
 import sys
 import time
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import InputError, MechscopeError
 from mechscope.options import add_options, config_from_args
 from mechscope.validate import count, finite_float, positive_int, writable_dir
 
@@ -413,6 +415,47 @@ def _add_trace_parser(sub) -> None:
 # ---------------------------------------------------------------------------- end of mechscope trace
 
 
+# ---------------------------------------------------------------------------- mechscope serve (issue 15)
+
+
+def _add_serve_parser(sub) -> None:
+    from mechscope.serve.config import ServeConfig
+
+    p = sub.add_parser("serve", help="a local HTTP service: generation with monitors, a page, health and metrics")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, folder or .gguf (default smollm2)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--monitors", default=None, help="a monitors file written by monitor.save_monitors")
+    add_options(p, ServeConfig)  # --api-key, --max-queue, --timeout, ...: defaults from ServeConfig
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default; 1 is fastest on a busy machine)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def serve_command(args) -> None:
+    import os
+
+    from mechscope.serve import serve
+    from mechscope.serve.config import ServeConfig
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in 0..65535, got {args.port}.")
+    count("--threads", args.threads)
+    args.api_key = args.api_key or os.environ.get("MECHSCOPE_API_KEY") or None
+    cfg = config_from_args(ServeConfig, args)  # checks the limits (typed errors) before the model loads
+    if cfg.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"mechscope: warning: serving on {args.host} without an API key: anyone who can reach it may "
+              "add or remove monitors (set --api-key or MECHSCOPE_API_KEY).", file=sys.stderr)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    serve(args.model, host=args.host, port=args.port, monitors_file=args.monitors, config=cfg, device=args.device,
+          log_level=args.log_level)
+# ---------------------------------------------------------------------------- end of mechscope serve
+
+
 def _parser() -> argparse.ArgumentParser:
     # options that configure an API object are generated from its dataclass (mechscope/options.py), so a
     # default is written once; the rest (which model, where, how to show progress) are CLI-only
@@ -510,6 +553,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_probe_parser(sub)
     _add_trace_parser(sub)
     _add_edit_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -546,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
             trace_command(args)
         elif args.command == "edit":
             edit_command(args)
+        elif args.command == "serve":
+            serve_command(args)
     except MechscopeError as e:
         if debug:
             raise
