@@ -174,7 +174,7 @@ class TranscoderSet(nn.Module):
         if self.coders is not None:
             c = self.coders[layer]
             return c.W_enc * c.cfg.input_scale if c.cfg.input_scale != 1.0 else c.W_enc
-        return self.clt.W_enc[layer]  # type: ignore[union-attr]
+        return self.clt.encoder(layer)  # type: ignore[union-attr]
 
     def decoder(self, src: int, dst: int) -> torch.Tensor | None:
         """[n_features[src], d_out]: what feature i of layer src writes to output_hooks[dst] (per unit of
@@ -232,11 +232,12 @@ class TranscoderSet(nn.Module):
         return out
 
     # ------------------------------------------------------------------ the model
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: Any, *, all_layers: bool = True) -> None:
         """TranscoderMismatchError unless these transcoders replace `model`'s MLPs: one per layer, hooks that
-        exist, widths that match, and (where recorded) the same model identity."""
+        exist, widths that match, and (where recorded) the same model identity. all_layers=False accepts a
+        set covering only the first layers (partial replacement, e.g. for quality measurements)."""
         n_model = model.cfg.n_layers
-        if self.n_layers != n_model:
+        if self.n_layers != n_model and (all_layers or self.n_layers > n_model):
             raise TranscoderMismatchError(
                 f"These transcoders cover {self.n_layers} layers but {model.cfg.model_name!r} has {n_model}: a "
                 "replacement model needs one per layer; load the set trained for this model.")
@@ -265,12 +266,13 @@ class TranscoderSet(nn.Module):
                     f"{diff} ({model.cfg.model_name!r}); use the model they were trained on.")
         return None
 
-    def replacement_interventions(self, *, keep: Callable[[int], bool] | None = None) -> list:
+    def replacement_interventions(self, *, keep: Callable[[int], bool] | None = None, positions: Any = None) -> list:
         """Interventions replacing every MLP output by the transcoders' prediction, in one forward pass.
 
         Each input hook records its activation (unchanged); each output hook is set to ts.output(l, ...)
         from the inputs recorded earlier in the SAME pass (so errors compound, as in a replacement model).
-        keep(l) -> True leaves layer l's real MLP output (default: replace all).
+        keep(l) -> True leaves layer l's real MLP output (default: replace all). positions: which absolute
+        positions to replace (default all; e.g. slice(1, None) leaves a BOS position alone).
         """
         from mechscope.models.interventions import Apply
 
@@ -294,7 +296,7 @@ class TranscoderSet(nn.Module):
         for layer in range(self.n_layers):
             items.append(Apply(self.input_hooks[layer], record(layer)))
             if keep is None or not keep(layer):
-                items.append(Apply(self.output_hooks[layer], replace(layer)))
+                items.append(Apply(self.output_hooks[layer], replace(layer), positions=positions))
         return items
 
     # ------------------------------------------------------------------ files
