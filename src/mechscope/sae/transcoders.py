@@ -300,13 +300,21 @@ class TranscoderSet(nn.Module):
         return items
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> Path:
-        """Our folder: transcoders.json + layer_{i}/ (native SAE folders) or clt.safetensors."""
+    def save(self, path: str | os.PathLike, format: str = "mechscope") -> Path:
+        """Write the folder `path`: "mechscope" (transcoders.json + layer_{i}/ native SAE folders, or clt.json +
+        clt.safetensors; lossless) or "circuit-tracer" (config.yaml + layer_{i}.safetensors, or W_enc_{i} /
+        W_dec_{i}; ReLU / JumpReLU only, see mechscope.sae.io.circuit_tracer)."""
         from mechscope.fileio import atomic_write_json
         from mechscope.validate import writable_dir
 
+        if format not in ("mechscope", "circuit-tracer"):
+            raise InputError(f"Unknown transcoder format {format!r}; choose 'mechscope' or 'circuit-tracer'.")
         folder = Path(path)
         writable_dir(folder, flag=None, what="transcoder folder", keep=False)
+        if format == "circuit-tracer":
+            from mechscope.sae.io import circuit_tracer
+
+            return circuit_tracer.write(self, folder)
         folder.mkdir(parents=True, exist_ok=True)
         manifest: dict[str, Any] = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "clt" if self.cross_layer else "plt",
@@ -361,10 +369,12 @@ class TranscoderSet(nn.Module):
                 f"{self.input_hooks[0]} -> {self.output_hooks[0]}, model {self.model_name!r})")
 
 
-def load_transcoders(path: str | os.PathLike, *, device=None, dtype=None) -> TranscoderSet:
+def load_transcoders(path: str | os.PathLike, *, device=None, dtype=None, input_hook: str | None = None,
+                     output_hook: str | None = None) -> TranscoderSet:
     """Load a model's transcoders from `path`, detecting the layout: our folder (transcoders.json), or
     circuit-tracer's per-layer set (config.yaml + layer_{i}.safetensors) or cross-layer transcoder
-    (W_enc_{i}.safetensors + W_dec_{i}.safetensors)."""
+    (W_enc_{i}.safetensors + W_dec_{i}.safetensors). input_hook / output_hook ("blocks.{l}.hook_resid_mid" or
+    circuit-tracer's "hook_resid_mid") override the hooks a circuit-tracer folder names (or lacks)."""
     folder = Path(path)
     if not folder.is_dir():
         from mechscope.errors import UnknownFormatError
@@ -372,10 +382,12 @@ def load_transcoders(path: str | os.PathLike, *, device=None, dtype=None) -> Tra
         raise UnknownFormatError(f"No transcoder folder at {folder}: " +
                                  ("the path does not exist." if not folder.exists() else "it is a file; pass its folder."))
     if is_transcoder_folder(folder):
+        if input_hook or output_hook:
+            raise InputError(f"{folder} records its hooks; input_hook / output_hook apply to circuit-tracer folders.")
         return TranscoderSet.load_folder(folder, device=device, dtype=dtype)
     from mechscope.sae.io import circuit_tracer
 
-    return circuit_tracer.read(folder, device=device, dtype=dtype)
+    return circuit_tracer.read(folder, device=device, dtype=dtype, input_hook=input_hook, output_hook=output_hook)
 
 
 def is_transcoder_folder(folder: Path) -> bool:
