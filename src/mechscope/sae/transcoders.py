@@ -130,7 +130,7 @@ class TranscoderSet(nn.Module):
     def d_out(self) -> list[int]:
         if self.coders is not None:
             return [c.cfg.out_dim for c in self.coders]
-        return [self.clt.cfg.d_out] * self.n_layers  # type: ignore[union-attr]
+        return [self.clt.cfg.out_dim] * self.n_layers  # type: ignore[union-attr]
 
     @property
     def n_features(self) -> list[int]:
@@ -204,7 +204,7 @@ class TranscoderSet(nn.Module):
         if self.coders is not None:
             c = self.coders[layer]
             return c.b_dec / c.cfg.output_scale if c.cfg.output_scale != 1.0 else c.b_dec
-        return self.clt.b_dec[layer]  # type: ignore[union-attr]
+        return self.clt.bias(layer)  # type: ignore[union-attr]
 
     def reconstruct(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """xs: per layer [..., d_in] inputs -> per layer [..., d_out] predicted MLP outputs."""
