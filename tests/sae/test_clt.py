@@ -188,3 +188,19 @@ def test_clt_replacement_and_quality(llama_sets):
         assert all(0 <= d <= 1 for d in q.dead_fraction)
         assert q.ce_clean > 0 and q.ce_replaced != q.ce_clean and q.ce_zero_ablated != q.ce_clean
         assert "| 1 |" in q.table() and "CE recovered" in q.table()
+
+
+def test_cli_train_transcoders(tiny_llama, tmp_path, capsys):
+    from mechscope.cli import main
+
+    folder = str(tiny_llama[1])
+    args = ["train-transcoders", "--model", folder, "--kind", "clt", "--arch", "jumprelu", "--features", "32",
+            "--steps", "3", "--batch-size", "32", "--context-len", "16", "--eval-contexts", "2", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "ct"), "--format", "circuit-tracer"]) == 0
+    out = capsys.readouterr().out
+    assert "saved" in out and "CE clean" in out and "| 1 |" in out
+    ts = sae.load_transcoders(tmp_path / "ct")
+    assert ts.cross_layer and ts.n_layers == 2 and ts.input_hooks[1] == "blocks.1.ln2.hook_normalized"
+    assert main(args + ["--steps", "0", "--out", str(tmp_path / "x")]) == 2  # a typed one-line error
+    err = capsys.readouterr().err
+    assert err.startswith("mechscope: error:") and "--steps" in err
