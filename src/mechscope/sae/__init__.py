@@ -3,6 +3,8 @@
     coder = mechscope.sae.train(store, hook="blocks.6.hook_resid_post", arch="topk", n_latents=4096, k=32)
     coder = mechscope.sae.load("path/to/any/sae")        # native, SAELens, sparsify, Gemma Scope, ...
     f = coder.encode(x); x_hat = coder.decode(f)           # raw activations in, raw activations out
+    ts = mechscope.sae.train_transcoders((model, text), kind="clt")   # a model's replacement MLPs (plt/skip/clt)
+    ts = mechscope.sae.load_transcoders("path")           # ours or circuit-tracer's layouts -> TranscoderSet
 """
 
 from mechscope.sae.clt import CLTConfig, CrossLayerTranscoder
