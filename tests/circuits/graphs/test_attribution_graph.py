@@ -34,8 +34,8 @@ def make_ts(model, n=48, k=4, skip=False, seed=0, enc_scale=3.0, dec_scale=0.3):
     return TranscoderSet.from_coders(coders)
 
 
-def reference_adjacency(model, ts, g):
-    """Dense adjacency by autograd, one backward per target (slow, obviously right)."""
+def reference_adjacency(model, ts, g, rows=None):
+    """Dense adjacency by autograd, one backward per target (slow, obviously right); only `rows` if given."""
     rm = graphs.ReplacementModel(model, ts, torch.tensor([g.input_ids]))
     L, T = ts.n_layers, rm.n_pos
     holes, ins = {}, {}
@@ -72,6 +72,8 @@ def reference_adjacency(model, ts, g):
     emb0 = err0 + L * T
     W_U = model.W_U.detach()
     for i, nd in enumerate(g.nodes):
+        if rows is not None and i not in rows:
+            continue
         if nd.kind == "feature":
             read = ins[nd.layer][0, nd.pos] @ ts.encoder(nd.layer)[:, nd.feature]
         elif nd.kind == "logit":
@@ -132,9 +134,18 @@ def test_edges_equal_autograd_direct_effects(gpt2, gpt2_graph):
                                           f"{gpt2_graph.nodes[0].pos}"
 
 
-@pytest.mark.parametrize("variant", ["llama-skip", "gpt2-clt"])
+@pytest.mark.parametrize("variant", ["llama-skip", "gpt2-clt", "neox-parallel"])
 def test_edges_equal_autograd_other_variants(variant, tiny_llama, tiny_gpt2):
-    if variant == "llama-skip":  # RMSNorm, GQA, rotary, gated MLP, skip transcoders
+    prompt = PROMPT
+    if variant == "neox-parallel":  # attention and MLP read the same residual (x + attn(ln1 x) + mlp(ln2 x))
+        from mechscope import HookedTransformer, ModelConfig
+
+        cfg = ModelConfig(d_model=32, n_layers=3, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=32,
+                          positional="rotary", rotary_dim=4, parallel_attn_mlp=True, model_name="tiny-neox")
+        model = HookedTransformer(cfg).init_weights(0, std=0.2)
+        ts = make_ts(model, seed=4)
+        prompt = torch.tensor([[1, 5, 9, 2, 7, 7, 3, 11]])
+    elif variant == "llama-skip":  # RMSNorm, GQA, rotary, gated MLP, skip transcoders
         model = tiny_llama[2]
         ts = make_ts(model, skip=True, seed=3)
     else:  # a cross-layer transcoder: features write to their layer and every later one
@@ -148,7 +159,7 @@ def test_edges_equal_autograd_other_variants(variant, tiny_llama, tiny_gpt2):
             output_hooks=[f"blocks.{i}.hook_mlp_out" for i in range(L)])).init_weights(seed=0)
         ts = TranscoderSet.from_clt(clt)
         assert ts.decoder(0, 1) is not None
-    g = graphs.attribute(model, PROMPT, ts, batch_size=7)
+    g = graphs.attribute(model, prompt, ts, batch_size=7)
     assert _rel(g.dense(), reference_adjacency(model, ts, g)) < 1e-4
     assert 0 <= g.scores["replacement"] <= 1 and 0 <= g.scores["completeness"] <= 1
 
@@ -269,3 +280,20 @@ def test_typed_errors(gpt2, tiny_llama):
                          TranscoderSet.from_coders(list(ts.coders)[:1]))
     with pytest.raises(InputError):
         graphs.feature_interventions(ts, {(0, 1, 10_000): 0.0})
+
+
+@pytest.mark.slow
+def test_smollm2_replacement_exact_and_edges(one_thread):
+    """The real SmolLM2-135M (RMSNorm, GQA, rotary, tied embeddings): exact replacement, edges = autograd."""
+    from mechscope import HookedTransformer
+
+    model = HookedTransformer.from_pretrained("smollm2")
+    ts = make_ts(model, n=256, k=4, seed=5)
+    prompt = "The capital of France is"
+    rm = graphs.ReplacementModel(model, ts, prompt)
+    assert (rm.logits() - model(rm.tokens)[0]).abs().max() < 1e-4
+    g = graphs.attribute(model, prompt, ts, max_n_logits=3)
+    rows = [i for i, n in enumerate(g.nodes) if n.kind == "logit"]
+    rows += [i for i, n in enumerate(g.nodes) if n.kind == "feature" and n.layer in (1, 15, 29)][::7]
+    ref = reference_adjacency(model, ts, g, rows=set(rows))
+    assert _rel(g.dense()[rows], ref[rows]) < 1e-4
