@@ -71,6 +71,13 @@ def reference_adjacency(model, ts, g, rows=None):
     err0 = len(feats)
     emb0 = err0 + L * T
     W_U = model.W_U.detach()
+    writes = {}  # dst layer -> (columns, positions, activation x decoder rows) of the features writing there
+    for dst in range(L):
+        items = [(j, sn.pos, sn.activation * ts.decoder(sn.layer, dst)[sn.feature].detach()) for j, sn in feats
+                 if sn.layer <= dst and ts.decoder(sn.layer, dst) is not None]
+        if items:
+            writes[dst] = (torch.tensor([t[0] for t in items]), torch.tensor([t[1] for t in items]),
+                           torch.stack([t[2] for t in items]))
     for i, nd in enumerate(g.nodes):
         if rows is not None and i not in rows:
             continue
@@ -84,11 +91,8 @@ def reference_adjacency(model, ts, g, rows=None):
         srcs = [holes[layer] for layer in range(L)] + [holes["embed"]]
         grads = torch.autograd.grad(read, srcs, retain_graph=True, allow_unused=True)
         grads = [torch.zeros_like(s) if gr is None else gr for s, gr in zip(srcs, grads, strict=True)]
-        for j, sn in feats:
-            for dst in range(sn.layer, L):
-                w = ts.decoder(sn.layer, dst)
-                if w is not None:
-                    A[i, j] += sn.activation * float(grads[dst][0, sn.pos] @ w[sn.feature])
+        for dst, (cols, pos, vecs) in writes.items():
+            A[i, cols] += (grads[dst][0, pos] * vecs).sum(-1).detach()
         for layer in range(L):
             e = rm.errors[layer].clone()
             e[:1] = 0

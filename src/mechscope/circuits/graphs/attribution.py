@@ -119,9 +119,11 @@ class _Sweep:
             valid = pad_c[:P] >= 0  # [P, F_max]
             p_i, s_i = valid.nonzero(as_tuple=True)
             rows[:n_live, pad_c[:P][p_i, s_i]] += eff[p_i.to(eff.device), :, s_i.to(eff.device)].T.to(rows.device)
-        e = torch.einsum("npd,pd->np", g, self.errors[layer][:P])  # [n, P]
         c0 = self.err_col0 + layer * self.T
-        rows[:n_live, c0 : c0 + P] += e.to(rows.device)
+        err = self.errors[layer][:P]
+        for lo in range(0, n_live, 64):  # [rows, P]: error vector . gradient, 64 targets at a time
+            e = (g[lo : lo + 64] * err).sum(-1)
+            rows[lo : min(lo + 64, n_live), c0 : c0 + P] += e.to(rows.device)
 
     # ------------------------------------------------------------------ one batch
     def run(self, t_layer: torch.Tensor, t_pos: torch.Tensor, t_vec: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,7 @@ class _Sweep:
             n_now = n_live + int(m.sum())
             if n_now == 0:
                 continue
-            a = fp.attn_vjp(layer, G[:n_live]) if self.parallel and n_live else None
+            a = self._attn_vjp(layer, G[:n_live]) if self.parallel and n_live else None
             if self.skip and n_live:  # the skip path is linear: the gradient flows through it to the MLP input
                 skip = self._skip_vjp(layer, G[:n_live])
                 G[:n_live] += fp.norm_vjp(f"blocks.{layer}.ln2", skip) if self.in_is_norm[layer] else skip
@@ -158,13 +160,19 @@ class _Sweep:
                 if a is not None:
                     G[:n_live] += a
             else:
-                g = G[:n_now]
-                g += fp.attn_vjp(layer, g)
+                G[:n_now] += self._attn_vjp(layer, G[:n_now])
         # embeddings: what enters block 0
         e = torch.einsum("npd,pd->np", G, self.embed[:P])
         rows[:, self.emb_col0 : self.emb_col0 + P] += e.to(rows.device)
         out = torch.empty_like(rows)
         out[order] = rows
+        return out
+
+    def _attn_vjp(self, layer: int, g: torch.Tensor, rows: int = 64) -> torch.Tensor:
+        """attn_vjp(layer, g), `rows` targets at a time (bounds the temporaries of a large batch)."""
+        out = torch.empty_like(g)
+        for lo in range(0, g.shape[0], rows):
+            out[lo : lo + rows] = self.rm.frozen.attn_vjp(layer, g[lo : lo + rows])
         return out
 
     def resid_read(self, t_layer: torch.Tensor, t_pos: torch.Tensor, t_vec: torch.Tensor) -> torch.Tensor:
