@@ -131,7 +131,9 @@ def worker_smollm2(a) -> None:
         output_hooks=[f"blocks.{i}.hook_mlp_out" for i in range(L)], model_name=c.model_name)).init_weights(seed=0)
     ts = TranscoderSet.from_clt(clt)
     text = ("The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden barn near "
-            "the river, where children play and birds sing songs of summer in the warm afternoon light")
+            "the river, where children play and birds sing songs of summer in the warm afternoon light. Later that "
+            "evening the family gathered around the table to share bread, cheese and stories about the harvest, and "
+            "the youngest asked why the sky turns red when the sun goes down behind the hills")
     ids = model.to_tokens(text)[:, : a.n_tokens]
     rss_before = rss_mib()
     t0 = time.perf_counter()
@@ -189,7 +191,8 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-python", help="python of the circuit-tracer venv (default benchmarks/.venv-circuit-tracer)")
     ap.add_argument("--no-smollm2", action="store_true")
-    ap.add_argument("--clt-features", type=int, default=2048)
+    ap.add_argument("--clt-features", type=int, default=512)
+    ap.add_argument("--only-smollm2", action="store_true")
     ap.add_argument("--max-feature-nodes", type=int, default=4096)
     a = ap.parse_args()
     if a.worker == "ours":
@@ -198,11 +201,13 @@ def main() -> None:
         return worker_smollm2(a)
 
     work = Path(a.workdir)
+    me = [sys.executable, str(Path(__file__).resolve())]
+    src = {"PYTHONPATH": str(ROOT / "src")}
+    if a.only_smollm2:
+        return smollm2(a, me, src)
     model_dir = make_gpt2_small_folder(work / "gpt2-rand")
     tc = make_transcoders(work / "transcoders")
     toks = ",".join(map(str, prompt_ids(a.n_tokens)))
-    me = [sys.executable, str(Path(__file__).resolve())]
-    src = {"PYTHONPATH": str(ROOT / "src")}
     ours = _run(me + ["--worker", "ours", "--model-dir", str(model_dir), "--transcoders", str(tc), "--tokens", toks,
                       "--out", str(work / "ours"), "--k", str(a.k), "--batch-size", str(a.batch_size),
                       "--threads", str(a.threads)], src)
@@ -227,13 +232,18 @@ def main() -> None:
               f"{'equal' if c['features_equal'] else 'DIFFERENT'} ({c['n_features_ours']} vs {c['n_features_peer']});"
               f" pruned node sets (0.8/0.98) {'equal' if c['pruned_equal'] else 'DIFFERENT'}", flush=True)
     if not a.no_smollm2:
-        s = _run(me + ["--worker", "smollm2", "--n-tokens", "64", "--k", "16", "--batch-size", str(a.batch_size),
-                       "--clt-features", str(a.clt_features), "--max-feature-nodes", str(a.max_feature_nodes),
-                       "--threads", str(a.threads)], src)
-        if s:
-            print_row(f"SmolLM2 {s['n_tokens']} tok CLT ({s['n_active']} active, cap {a.max_feature_nodes}): time (s)",
-                      s["time_s"], None, "-")
-            print_row("SmolLM2 CLT graph: peak RSS (MiB)", s["rss_peak_mib"], None, "-")
+        smollm2(a, me, src)
+
+
+def smollm2(a, me, src) -> None:
+    s = _run(me + ["--worker", "smollm2", "--n-tokens", "64", "--k", "16", "--batch-size", str(a.batch_size),
+                   "--clt-features", str(a.clt_features), "--max-feature-nodes", str(a.max_feature_nodes),
+                   "--threads", str(a.threads)], src)
+    if s:
+        print_row(f"SmolLM2 {s['n_tokens']} tok CLT {a.clt_features}/layer ({s['n_active']} active, cap "
+                  f"{a.max_feature_nodes}): time (s)", s["time_s"], None, "-")
+        print_row("SmolLM2 CLT graph: peak RSS (MiB)", s["rss_peak_mib"], None, "-")
+        print_row("SmolLM2 CLT graph: RSS before attribution (MiB)", s["rss_before_mib"], None, "-")
 
 
 if __name__ == "__main__":

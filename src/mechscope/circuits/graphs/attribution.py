@@ -254,6 +254,8 @@ def attribute(model, prompt, transcoders, max_n_logits: int = 10, desired_logit_
                                      torch.zeros(0, dtype=torch.long), l_probs, n_active)
             rank = torch.argsort(inf[:n_active], descending=True)
             pending = rank[~visited[rank]][: min(update_interval * batch_size, n_sel - done)]
+            # within the queue, batch by position (each batch is trimmed to the positions it can see)
+            pending = pending[torch.argsort(feat_idx[pending, 1] * (L + 1) + (L - feat_idx[pending, 0]), stable=True)]
             queue = list(pending.split(batch_size))
         idx = queue.pop(0)
         rows = sweep.run(feat_idx[idx, 0], feat_idx[idx, 1], enc[idx])

@@ -9,7 +9,8 @@ residual between the real MLP output on this prompt and the transcoders' reconst
 attention patterns and normalisation scales frozen at their values on the prompt (models.linearized), every
 path between feature activations is linear, so direct effects between features (attribution.py) are exact and
 interventions in this model move logits exactly as the graph predicts (intervene.py).
-Position 0 (BOS) carries no feature or error node (as in circuit-tracer): what its MLPs write is a constant.
+Position 0 (BOS) carries no feature or error node (as in circuit-tracer): what its MLPs write is a constant. Text
+prompts get the tokenizer's BOS prepended (prepend_bos=None) when it has one, as circuit-tracer does.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ReplacementModel:
         _check_hooks(transcoders, model)
         self.model, self.ts = model, transcoders
         if isinstance(prompt, str):
+            if prepend_bos is None:  # as circuit-tracer: start with a special token, which gets no nodes
+                prepend_bos = getattr(model.require_tokenizer(), "bos_token_id", None) is not None
             tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)
             self.prompt = prompt
         else:
