@@ -100,7 +100,7 @@ class _Sweep:
         pad_c[p, slot] = c
         out = (pad_v, pad_c)
         size = pad_v.numel() * pad_v.element_size()
-        if self._cache_bytes + size <= 256 * 2**20:  # keep up to 256 MiB of decoder rows between batches
+        if self._cache_bytes + size <= 128 * 2**20:  # keep up to 128 MiB of decoder rows between batches
             self._src_cache[dst] = out
             self._cache_bytes += size
         return out
@@ -297,23 +297,29 @@ def attribute(model, prompt, transcoders, max_n_logits: int = 10, desired_logit_
     return g
 
 
-def _partial_influence(logit_rows, feat_rows, feat_ids, l_probs, n_active):
-    """Influence on the logits of every column given the rows computed so far (circuit-tracer's ranking)."""
+def _partial_influence(logit_rows, feat_rows, feat_ids, l_probs, n_active, chunk: int = 512):
+    """Influence on the logits of every column given the rows computed so far (circuit-tracer's ranking).
+    Rows are normalised chunk by chunk, so this needs no copy of the (large) row matrix."""
     n_cols = logit_rows.shape[1]
-    a = normalize_matrix(torch.cat([feat_rows, logit_rows]))  # rows: computed features, then logits
     row_of = torch.full((n_cols,), -1, dtype=torch.long)
     row_of[feat_ids] = torch.arange(len(feat_ids))
-    prod = torch.zeros(len(a))
-    prod[len(feat_rows):] = l_probs
+    has = row_of[:n_active] >= 0
+
+    def step(w_feat: torch.Tensor, w_logit: torch.Tensor) -> torch.Tensor:  # w @ normalise(|rows|)
+        out = w_logit @ normalize_matrix(logit_rows)
+        for lo in range(0, len(feat_rows), chunk):
+            out += w_feat[lo : lo + chunk] @ normalize_matrix(feat_rows[lo : lo + chunk])
+        return out
+
     total = torch.zeros(n_cols)
+    vec = step(torch.zeros(len(feat_rows)), l_probs.float())
     for _ in range(256):
-        vec = prod @ a  # [n_cols]
         if not bool(vec.any()):
             break
         total += vec
-        prod = torch.zeros(len(a))
-        has = row_of[:n_active] >= 0
-        prod[row_of[:n_active][has]] = vec[:n_active][has]
+        w = torch.zeros(len(feat_rows))
+        w[row_of[:n_active][has]] = vec[:n_active][has]
+        vec = step(w, torch.zeros(len(logit_rows)))
     return total
 
 

@@ -19,8 +19,9 @@ from mechscope.errors import InputError
 
 def normalize_matrix(a: torch.Tensor) -> torch.Tensor:
     """|A| with each row (target) scaled to sum 1 (rows of zeros stay zero)."""
-    a = a.abs()
-    return a / a.sum(dim=1, keepdim=True).clamp(min=1e-10)
+    out = a.abs()
+    out /= out.sum(dim=1, keepdim=True).clamp(min=1e-10)
+    return out
 
 
 def influence(a_norm: torch.Tensor, weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
