@@ -11,6 +11,7 @@ from mechscope.sae.io import FORMATS, detect_format, load, load_all, save
 from mechscope.sae.metrics import EvalResult, SpliceResult, evaluate, splice_metrics
 from mechscope.sae.synthetic import recovery, synthetic_data
 from mechscope.sae.train import TrainConfig, train, train_many
+from mechscope.sae.transcoders import TranscoderMismatchError, TranscoderSet, load_transcoders
 
 __all__ = [
     "ARCHS",
@@ -22,10 +23,13 @@ __all__ = [
     "SparseCoder",
     "SpliceResult",
     "TrainConfig",
+    "TranscoderMismatchError",
+    "TranscoderSet",
     "detect_format",
     "evaluate",
     "load",
     "load_all",
+    "load_transcoders",
     "recovery",
     "save",
     "splice_metrics",

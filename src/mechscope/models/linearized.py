@@ -1,0 +1,118 @@
+"""One prompt's forward with its attention patterns and normalisation scales frozen: the model made linear.
+
+    fp = freeze_prompt(model, tokens)                 # one forward; records patterns [H, T, S] and norm scales [T, 1]
+    with model.hooks(fp.freeze_hooks()): model(tokens) # the same forward, patterns and scales fixed (interventions)
+    g_pre = fp.attn_vjp(layer, g_mid)                  # [N, T', D] grads: residual after attention -> before it
+
+Why here: attribution graphs (Ameisen et al. 2025) need the *direct* effect of what each MLP writes on what later
+layers read, with attention patterns and norm scales held at their values on the prompt. Through those frozen maps
+the residual stream is linear, so a target's gradient can be pushed down layer by layer. Autograd does this too,
+but it also pushes zeros through the query/key projections and needs one graph per batch of targets; these
+vector-Jacobian products touch only the value/output path (2 matmuls per layer) and accept a prefix of positions
+(causal models: a target at position p has zero gradient after p), which makes attribution several times faster.
+They use this model's weights and norms, so nothing outside models/ re-implements the forward.
+Supported: pre-norm blocks (sequential or parallel attention/MLP), post-attention/-MLP norms (Gemma), MHA/GQA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mechscope.errors import UnsupportedArchitectureError
+
+from mechscope.models.components import Norm
+
+
+@dataclass
+class FrozenPrompt:
+    """Patterns and norm scales of one prompt's forward (batch 1), and the linear maps they define."""
+
+    model: object  # HookedTransformer
+    tokens: torch.Tensor  # [1, T]
+    patterns: list[torch.Tensor] = field(default_factory=list)  # per layer [H, T, T] (float32)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # norm module name -> [T, 1] divisor
+
+    # ------------------------------------------------------------------ frozen forward
+    def freeze_hooks(self) -> list:
+        """Forward hooks that replace every attention pattern and norm scale by the recorded ones (for runs of
+        the same prompt with edits elsewhere: interventions see a linear, frozen model). Positions beyond the
+        recorded prompt are not supported (a typed error)."""
+        def pattern(act, hook):
+            layer = int(hook.name.split(".")[1])
+            rec = self.patterns[layer].to(act.device, act.dtype)
+            if act.shape[-2:] != rec.shape[-2:]:
+                raise UnsupportedArchitectureError(
+                    f"Frozen attention was recorded for {rec.shape[-1]} positions, this run has {act.shape[-1]}; "
+                    "freeze_hooks only replays runs of the recorded prompt.")
+            return rec.expand_as(act)
+
+        def scale(act, hook):
+            rec = self.scales[hook.name.removesuffix(".hook_scale")].to(act.device, act.dtype)
+            return rec.expand_as(act) if act.shape[-2] == rec.shape[0] else act
+
+        return [("blocks.*.attn.hook_pattern", pattern),
+                (lambda n: n.endswith("hook_scale") and n.removesuffix(".hook_scale") in self.scales, scale)]
+
+    # ------------------------------------------------------------------ vector-Jacobian products
+    def norm_vjp(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        """Gradient through the norm `name` (e.g. 'blocks.3.ln2') with its scale frozen: g [N, T', D] at its output
+        -> [N, T', D] at its input. LayerNorm also centres (a linear map)."""
+        norm: Norm = self.model.get_submodule(name)
+        s = self.scales[name][: g.shape[1]].to(g.dtype)  # [T', 1]
+        out = g * norm.w.to(g.dtype) if norm.w is not None else g
+        out = out / s
+        if norm.kind == "LN":
+            out = out - out.mean(-1, keepdim=True)
+        return out
+
+    def attn_vjp(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        """Gradient through block `layer`'s attention sublayer (post-attention norm, output and value projections,
+        frozen pattern, ln1): g [N, T', D] at what attention adds to the residual -> [N, T', D] at the residual it
+        reads. T' <= T: the first T' positions only (exact for causal attention)."""
+        m = self.model
+        c = m.cfg
+        blk = m.blocks[layer]
+        N, Tp, D = g.shape
+        if c.post_attn_norm:
+            g = self.norm_vjp(f"blocks.{layer}.ln1_post", g)
+        attn = blk.attn
+        gz = (g.reshape(N * Tp, D) @ attn.o.weight.to(g.dtype)).view(N, Tp, c.n_heads, c.d_head)  # [N, T', H, E]
+        A = self.patterns[layer][:, :Tp, :Tp].to(g.dtype)  # [H, T', S']
+        gv = torch.einsum("hts,nthe->nshe", A, gz)  # [N, S', H, E]
+        if c.n_kv_heads != c.n_heads:
+            gv = gv.view(N, Tp, c.n_kv_heads, c.n_heads // c.n_kv_heads, c.d_head).sum(3)
+        w_v = attn.qkv.weight[c.d_q + c.d_kv:].to(g.dtype)  # [K*E, D]
+        gx = (gv.reshape(N * Tp, -1) @ w_v).view(N, Tp, D)
+        return self.norm_vjp(f"blocks.{layer}.ln1", gx)
+
+
+def check_linearizable(model) -> None:
+    """UnsupportedArchitectureError unless blocks are pre-norm (what a frozen replacement needs)."""
+    c = model.cfg
+    if c.post_layernorm or c.attn_only or not c.causal or c.embed_norm:
+        raise UnsupportedArchitectureError(
+            f"{c.architecture}: frozen-attention attribution needs causal pre-norm blocks with MLPs "
+            "(GPT-2, Llama/SmolLM2, NeoX, Gemma ...); BERT-style post-norm, attention-only and embedding-norm "
+            "models are not supported.")
+
+
+def freeze_prompt(model, tokens: torch.Tensor, fwd_hooks: Sequence = ()) -> tuple[FrozenPrompt, torch.Tensor]:
+    """Run `tokens` [1, T] once, recording each layer's attention pattern and every norm's scale; returns the
+    record and the logits [1, T, V]. fwd_hooks: extra hooks for the same run (e.g. caching transcoder inputs)."""
+    check_linearizable(model)
+    fp = FrozenPrompt(model, tokens, [None] * model.cfg.n_layers)  # type: ignore[list-item]
+
+    def rec_pattern(act, hook):
+        fp.patterns[int(hook.name.split(".")[1])] = act[0].detach().float()
+
+    def rec_scale(act, hook):
+        fp.scales[hook.name.removesuffix(".hook_scale")] = act[0].detach().float()
+
+    hooks = [("blocks.*.attn.hook_pattern", rec_pattern),
+             (lambda n: n.endswith("hook_scale") and ".attn." not in n, rec_scale), *fwd_hooks]
+    with torch.no_grad(), model.hooks(hooks):
+        logits = model(tokens)
+    return fp, logits
