@@ -9,6 +9,7 @@ red positive, blue negative); the data sidecar lists every drawn node and edge.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -96,3 +97,20 @@ def attribution_graph_plot(graph: Any, *, title: str | None = None, max_edges: i
     data = {"tokens": tokens, "nodes": [{"id": i, "kind": kinds[i], "x": xy[i][0], "y": xy[i][1]} for i in xy],
             "edges": [[link["source"], link["target"], float(link["weight"])] for link in links]}
     return Plot(png, data, title)
+
+
+def graph_report_section(r: dict[str, Any], folder: Path, slug: str = "graph"):
+    """The report section (Markup): PNG, top logits, scores, a link to the explorer page."""
+    from mechscope.viz.html import Markup, esc, figure_img, table
+
+    png = folder / r.get("png", f"{slug}_plot.png")
+    img = figure_img(png.read_bytes(), "attribution graph") if png.exists() else Markup("<p>(no picture)</p>")
+    scores = ", ".join(f"{esc(k)} score {v:.3f}" for k, v in r.get("scores", {}).items())
+    rows = [[str(label), float(p)] for label, p in r.get("logits", [])]
+    return Markup(
+        f"<p>Prompt <q>{esc(r['prompt'])}</q>: {r['n_active_features']} active transcoder features; pruned at "
+        f"node / edge influence {r['node_threshold']} / {r['edge_threshold']} to {r['n_nodes']} nodes and "
+        f"{r['n_links']} links{'; ' + scores if scores else ''}. "
+        f"<a href='artifacts/graph/{esc(r['html'])}'>Open the explorer</a> (hover, pin, group supernodes) or load "
+        f"<code>artifacts/graph/{esc(r['json'])}</code> in Neuronpedia / circuit-tracer's viewer.</p>"
+        + img + table(["logit node", "probability"], rows))

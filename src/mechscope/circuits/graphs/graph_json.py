@@ -306,7 +306,7 @@ def graph_to_json(g: Any, *, slug: str | None = None, supernodes: Mapping[str, I
     settings = dict(getattr(g, "settings", None) or {})
     name = str(getattr(g, "model_name", "") or "model")
     meta: dict[str, Any] = {
-        "slug": slug or _slug(g.prompt), "scan": scan or name, "transcoder_list": [],
+        "slug": slug or graph_slug(g.prompt), "scan": scan or name, "transcoder_list": [],
         "prompt_tokens": [str(t) for t in g.tokens], "prompt": str(g.prompt),
         "node_threshold": node_threshold if node_threshold is not None else settings.get("node_threshold"),
         "schema_version": FILE_SCHEMA_VERSION,
@@ -348,7 +348,7 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def _slug(prompt: str) -> str:
+def graph_slug(prompt: str) -> str:
     s = "".join(c.lower() if c.isalnum() else "-" for c in str(prompt)).strip("-")
     while "--" in s:
         s = s.replace("--", "-")

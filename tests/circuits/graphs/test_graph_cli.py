@@ -1,0 +1,120 @@
+"""`mechscope graph` and the report's opt-in graph stage, on the tiny LM with random per-layer transcoders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fake_graph import make_graph
+
+from mechscope import sae
+from mechscope.circuits import graphs
+from mechscope.circuits.graphs import read_graph_json
+from mechscope.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_transcoders(tiny_lm_folder, tmp_path_factory):
+    """(model folder, model, transcoder folder): 3 random TopK transcoders (32 -> 48 -> 32), saved."""
+    folder, model = tiny_lm_folder
+    d = model.cfg.d_model
+    coders = []
+    for layer in range(model.cfg.n_layers):
+        cfg = sae.SAEConfig(arch="topk", d_in=d, n_latents=48, d_out=d, k=4,
+                            hook_in=f"blocks.{layer}.ln2.hook_normalized", hook_out=f"blocks.{layer}.hook_mlp_out")
+        coders.append(sae.SparseCoder(cfg).init_weights(layer))
+    ts_dir = tmp_path_factory.mktemp("ts") / "transcoders"
+    sae.TranscoderSet.from_coders(coders).save(ts_dir)
+    return folder, model, ts_dir
+
+
+@pytest.fixture()
+def fake_attribution(monkeypatch):
+    """Until circuits.graphs.attribute (h-graph) lands: a stand-in returning the hand-made graph, recording calls."""
+    calls = {}
+
+    def attribute(model, prompt, ts, **kw):
+        calls["attribute"] = (prompt, kw, ts.n_layers)
+        g = make_graph()
+        g.prompt = prompt
+        g.model_identity = {"n_layers": model.cfg.n_layers}
+        return g
+
+    def prune(g, node_threshold=0.8, edge_threshold=0.98):
+        calls["prune"] = (node_threshold, edge_threshold)
+        return g
+
+    monkeypatch.setattr(graphs, "attribute", attribute, raising=False)
+    monkeypatch.setattr(graphs, "prune", prune, raising=False)
+    return calls
+
+
+def test_graph_cli_writes_json_explorer_png(tiny_transcoders, fake_attribution, tmp_path, capsys):
+    folder, model, ts_dir = tiny_transcoders
+    out = tmp_path / "g"
+    rc = main(["graph", "The capital of France is", "--model", str(folder), "--transcoders", str(ts_dir),
+               "--out", str(out), "--node-threshold", "0.7", "--max-n-logits", "5"])
+    assert rc == 0, capsys.readouterr().err
+    prompt, kw, n_layers = fake_attribution["attribute"]
+    assert prompt == "The capital of France is" and n_layers == 3
+    assert kw["max_n_logits"] == 5 and kw["desired_logit_prob"] == 0.95 and kw["batch_size"] == 256
+    assert fake_attribution["prune"] == (0.7, 0.98)
+    slug = "the-capital-of-france-is"
+    gf = read_graph_json(out / f"{slug}.json")
+    assert gf.metadata["slug"] == slug and gf.metadata["node_threshold"] == 0.7 and len(gf.nodes) == 9
+    html = (out / f"{slug}.html").read_text(encoding="utf-8")
+    assert '"logits_up"' in html  # feature details (logit effects from the transcoders) are inlined
+    assert (out / f"{slug}_plot.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((out / "graph-metadata.json").read_text())["graphs"][0]["slug"] == slug
+    printed = capsys.readouterr().out
+    assert "9 nodes, 8 links" in printed and "replacement 0.500" in printed
+
+
+def test_graph_cli_bad_input(tiny_transcoders, fake_attribution, tmp_path, capsys):
+    folder, model, ts_dir = tiny_transcoders
+    assert main(["graph", "x", "--model", str(folder), "--transcoders", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "mechscope: error:" in capsys.readouterr().err
+    short = sae.TranscoderSet.from_coders(list(sae.load_transcoders(ts_dir).coders)[:2])  # 2 layers for a 3-layer model
+    short.save(tmp_path / "short")
+    assert main(["graph", "x", "--model", str(folder), "--transcoders", str(tmp_path / "short"),
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "cover 2 layers" in capsys.readouterr().err
+    assert "attribute" not in fake_attribution  # refused before any attribution
+
+
+def test_report_graph_stage(tiny_transcoders, fake_attribution, tmp_path):
+    """The opt-in stage on its own (the full tiny report runs in tests/report): cached by transcoder content,
+    rendered as a page section."""
+    from types import SimpleNamespace
+
+    from mechscope.report.cache import ReportFolder
+    from mechscope.report.graph_stage import graph_stage_key, run_graph_stage
+    from mechscope.viz.graph_plot import graph_report_section
+
+    folder, model, ts_dir = tiny_transcoders
+    from mechscope.models.identity import model_identity
+
+    ident = model_identity(model)
+    cfg = SimpleNamespace(graph_transcoders=str(ts_dir), graph_prompt="The capital of France is", device=None)
+    rf = ReportFolder(tmp_path / "rep", ident)
+    model_in = {"model": {k: v for k, v in ident.items() if k != "name"}}
+    key = graph_stage_key(cfg, model_in)
+    r = rf.stage("graph", key, lambda f: run_graph_stage(model, f, cfg), log=lambda m: None)
+    assert r["n_nodes"] == 9 and r["json"] == "graph.json"
+    assert read_graph_json(rf.artifacts / "graph" / "graph.json").prompt == "The capital of France is"
+    fake_attribution.clear()
+    assert rf.stage("graph", graph_stage_key(cfg, model_in), lambda f: run_graph_stage(model, f, cfg),
+                    log=lambda m: None) == r and fake_attribution == {}  # cached
+    # other transcoder bytes -> another key (by content, not path)
+    coder_file = next(p for p in sorted(ts_dir.rglob("*.safetensors")))
+    data = coder_file.read_bytes()
+    try:
+        coder_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        assert graph_stage_key(cfg, model_in) != key
+    finally:
+        coder_file.write_bytes(data)
+    html = graph_report_section(r, rf.artifacts / "graph")
+    assert "artifacts/graph/graph.html" in html and "data:image/png;base64" in html and "Paris" in html
