@@ -118,3 +118,17 @@ def test_report_graph_stage(tiny_transcoders, fake_attribution, tmp_path):
         coder_file.write_bytes(data)
     html = graph_report_section(r, rf.artifacts / "graph")
     assert "artifacts/graph/graph.html" in html and "data:image/png;base64" in html and "Paris" in html
+
+
+def test_report_graph_option(tmp_path):
+    """--graph-transcoders is a report option (off by default) and a missing folder fails before any stage runs."""
+    from mechscope.errors import InputError
+    from mechscope.report.pipeline import ReportConfig
+
+    assert ReportConfig().graph_transcoders is None
+    with pytest.raises(InputError, match="graph-transcoders"):
+        ReportConfig(graph_transcoders=str(tmp_path / "none")).check()
+    from mechscope.cli import _parser
+
+    args = _parser().parse_args(["report", "--graph-transcoders", "ts", "--graph-prompt", "Paris is in"])
+    assert args.graph_transcoders == "ts" and args.graph_prompt == "Paris is in"
