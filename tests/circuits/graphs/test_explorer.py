@@ -186,3 +186,18 @@ def test_explorer_saves_to_the_server(graph_file):
     saved = parse_graph_json(_Saver.posted[0])
     assert saved.supernodes == {"France": ["0_5_1", "E_3139_1"]}
     assert json.loads(_Saver.posted[0])["metadata"]["prompt"] == HOSTILE_PROMPT
+
+
+def test_explorer_opens_a_circuit_tracer_file(tmp_path):
+    """A file written by circuit-tracer 0.5 itself (fixtures/), ambiguous ids included, opens without errors."""
+    from pathlib import Path
+
+    from selenium.webdriver.common.by import By
+
+    ct = Path(__file__).with_name("fixtures") / "circuit_tracer_graph.json"
+    page = write_explorer(ct, tmp_path / "ct.html")
+    with chromium_driver() as driver:
+        driver.get(file_url(page))
+        assert len(driver.find_elements(By.CSS_SELECTOR, "circle.node")) == 57
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#edges path")) > 0  # the target logit's inputs
+        assert console_errors(driver) == []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from mechscope.circuits.graphs import (
     validate_graph_json,
     write_graph_json,
 )
-from mechscope.circuits.graphs.graph_json import cantor, schema_errors
+from mechscope.circuits.graphs.graph_json import cantor, node_record, schema_errors
 from mechscope.errors import InputError
 
 # what circuit-tracer 0.5's frontend.graph_models.Node writes for these nodes (feature, layer, jsNodeId)
@@ -209,3 +210,38 @@ def test_png_rendering(written, tmp_path):
     assert {n["kind"] for n in p.data["nodes"]} == {"feature", "error", "embedding", "logit"}
     png, side = p.save(tmp_path / "graph.png")
     assert png.stat().st_size == len(p.png) and json.loads(side.read_text())["title"] == "capital"
+
+
+CT_FILE = Path(__file__).with_name("fixtures") / "circuit_tracer_graph.json"
+
+
+def test_reads_a_genuine_circuit_tracer_file_and_writes_the_same_records():
+    """fixtures/circuit_tracer_graph.json was written by circuit-tracer 0.5 itself (attribute + create_graph_files on
+    a random GPT-2-small with 12 random transcoders; fixtures/make_circuit_tracer_graph.py). We read it, it passes
+    the schema, and every node record we would write from the same (kind, layer, feature, position, token, values)
+    is identical to circuit-tracer's, field by field and in order."""
+    gf = read_graph_json(CT_FILE)
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(gf.data, graph_schema())
+    assert len(gf.nodes) == 57 and len(gf.links) == 673 and gf.metadata["schema_version"] == 1
+    assert gf.ambiguous_ids == ["0_10_2", "0_1_2"]  # circuit-tracer 0.5's error ids shadowing layer-0 features
+    emb = sorted((n for n in gf.nodes if gf.kind(n) == "embedding"), key=lambda n: n["ctx_idx"])
+    input_ids = [int(n["node_id"].split("_")[1]) for n in emb]
+    assert input_ids == [50256, 40, 101]
+    for n in gf.nodes:
+        kind, pos = gf.kind(n), n["ctx_idx"]
+        if kind == "feature":
+            node = FakeNode("feature", int(n["layer"]), pos, feature=int(n["node_id"].split("_")[1]),
+                            activation=n["activation"], influence=n["influence"])
+        elif kind == "error":
+            node = FakeNode("error", int(n["layer"]), pos, influence=n["influence"])
+        elif kind == "embedding":
+            node = FakeNode("embedding", None, pos, influence=n["influence"])
+        else:
+            token = n["clerp"][len('Output "'):n["clerp"].rindex('" (p=')]
+            node = FakeNode("logit", 12, pos, feature=n["feature"], token=token, prob=n["token_prob"])
+        assert node_record(node, 12, input_ids, first_logit=n["is_target_logit"]) == n, n["node_id"]
+    a = gf.adjacency()  # ambiguous ids: their links go to the first node of that id (summed)
+    assert a.shape == (57, 57)
+    assert float(a.sum()) == pytest.approx(sum(link["weight"] for link in gf.links), rel=1e-5, abs=1e-4)
+    assert int((a != 0).sum()) < len(gf.links)  # links of the two nodes behind an ambiguous id were merged

@@ -12,11 +12,13 @@ circuit-tracer 0.5 writes them, so a graph of ours opens in its viewer and compa
     embedding  "E_{token_id}_{pos}"           feature = pos, layer "E",          jsNodeId "E_{token_id}-{pos}"
     logit      "{n_layers+1}_{token_id}_{pos}" feature = token_id,               jsNodeId "L_{token_id}-{pos}"
 
-(circuit-tracer 0.5's error id can equal a layer-0 feature's id when that feature's index equals the error's
-layer; in that rare case the error node gets the unambiguous "{layer}_-1_{pos}" and the file says so in
-metadata.mechscope.renamed_error_nodes.) Supernodes (named groups of node ids, the viewer's grouping) live in
-qParams.supernodes as [label, id, id, ...]. The schema we validate against is graph_schema.json next to this
-module, plus the checks a schema cannot state (unique ids, links between known nodes, finite weights).
+circuit-tracer 0.5 gives an error node the id of the layer-0 feature whose index equals the error's layer, at
+the same position (its own files have such duplicates: the circuit-tracer file in the tests has 2 in 57 nodes).
+We read those files (`GraphFile.ambiguous_ids` lists the shared ids) but never write one: such an error node is
+written as "{layer}_-1_{pos}" and metadata.mechscope.renamed_error_nodes says so. Supernodes (named groups of
+node ids, the viewer's grouping) live in qParams.supernodes as [label, id, id, ...]. The schema we validate
+against is graph_schema.json next to this module, plus the checks a schema cannot state (unique ids apart from
+those, links between known nodes, finite weights).
 We never read circuit-tracer's pickled .pt graphs: only this JSON.
 """
 
@@ -129,8 +131,9 @@ def validate_graph_json(doc: Any, *, where: str = "graph JSON") -> None:
     ids = [n["node_id"] for n in doc["nodes"]]
     known = set(ids)
     if len(known) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise GraphFormatError(f"{where} has duplicate node ids: {dup}.")
+        bad = sorted(set(duplicate_ids(doc["nodes"])) - set(ambiguous_ids(doc["nodes"])))
+        if bad:
+            raise GraphFormatError(f"{where} has duplicate node ids: {bad[:5]}.")
     for i, link in enumerate(doc["links"]):
         for end in ("source", "target"):
             if link[end] not in known:
@@ -142,6 +145,30 @@ def validate_graph_json(doc: Any, *, where: str = "graph JSON") -> None:
     bad_pins = [p for p in q.get("pinnedIds", []) if p not in known]
     if bad_pins:
         raise UnknownNodeError(f"{where}: qParams.pinnedIds names unknown node ids {bad_pins[:5]}.")
+
+
+def duplicate_ids(nodes: list[dict[str, Any]]) -> list[str]:
+    seen: set[str] = set()
+    dup = []
+    for n in nodes:
+        if n["node_id"] in seen:
+            dup.append(n["node_id"])
+        seen.add(n["node_id"])
+    return sorted(set(dup))
+
+
+def ambiguous_ids(nodes: list[dict[str, Any]]) -> list[str]:
+    """Ids that circuit-tracer 0.5 gives to two nodes: an error node "0_{layer}_{pos}" and the layer-0 feature
+    of index `layer` at `pos`. Files it writes contain them; we accept them on reading (links on such an id
+    cannot tell the two apart; GraphFile.adjacency gives them to the first node of that id) and never write one."""
+    dups = set(duplicate_ids(nodes))
+    out = []
+    for i in sorted(dups):
+        same = [n for n in nodes if n["node_id"] == i]
+        errors = [n for n in same if n["feature_type"] == FEATURE_TYPES["error"]]
+        if len(same) == 2 and len(errors) == 1 and i == f"0_{errors[0]['layer']}_{errors[0]['ctx_idx']}":
+            out.append(i)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ supernodes
@@ -442,6 +469,11 @@ class GraphFile:
         return [n["node_id"] for n in self.nodes]
 
     @property
+    def ambiguous_ids(self) -> list[str]:
+        """Ids shared by an error node and a feature (circuit-tracer 0.5 files; see graph_json.ambiguous_ids)."""
+        return ambiguous_ids(self.nodes)
+
+    @property
     def supernodes(self) -> dict[str, list[str]]:
         return supernodes_from_qparams(self.qparams.get("supernodes", []))
 
@@ -450,14 +482,17 @@ class GraphFile:
         return KIND_OF_TYPE.get(node["feature_type"], "other")
 
     def adjacency(self) -> torch.Tensor:
-        """[n_nodes, n_nodes] float32, adjacency[target, source] = link weight (node order = self.nodes)."""
-        index = {i: k for k, i in enumerate(self.node_ids)}
-        n = len(index)
+        """[n_nodes, n_nodes] float32, adjacency[target, source] = link weight (node order = self.nodes; duplicate
+        links, possible only through ambiguous ids, are summed)."""
+        index: dict[str, int] = {}
+        for k, i in enumerate(self.node_ids):
+            index.setdefault(i, k)  # an ambiguous id (see ambiguous_ids): its first node
+        n = len(self.nodes)
         a = torch.zeros(n, n, dtype=torch.float32)
         if self.links:
             dst = torch.tensor([index[link["target"]] for link in self.links])
             src = torch.tensor([index[link["source"]] for link in self.links])
-            a[dst, src] = torch.tensor([float(link["weight"]) for link in self.links], dtype=torch.float32)
+            a.index_put_((dst, src), torch.tensor([float(link["weight"]) for link in self.links]), accumulate=True)
         return a
 
     def with_supernodes(self, supernodes: Mapping[str, Iterable[str]], *, replace: bool = True) -> GraphFile:
