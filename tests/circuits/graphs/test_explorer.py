@@ -16,14 +16,19 @@ from fake_graph import make_graph
 from tests.browser import chromium_driver, console_errors, file_url
 
 from mechscope.circuits.graphs import (
+    GraphFormatError,
+    UnknownGraphError,
     explorer_html,
     feature_details,
+    graph_path,
     read_graph_json,
+    save_posted_graph,
+    served_explorer,
     write_explorer,
     write_graph_json,
 )
 from mechscope.circuits.graphs.graph_json import parse_graph_json
-from mechscope.errors import InputError
+from mechscope.errors import InputError, MechscopeError
 
 HOSTILE_PROMPT = 'The </script><script>window.pwned=1</script> "capital" & <b>'
 
@@ -78,22 +83,33 @@ def test_feature_details_logit_effects_and_top_contexts(tiny_lm_folder):
 
 
 class _Saver(BaseHTTPRequestHandler):
-    """Serves the explorer at GET /graph/capital and records the POSTed JSON (what `mechscope serve` will do)."""
+    """Mounts the explorer the way `mechscope serve` will: GET /graph/{name} -> served_explorer, POST /graph/{name}
+    -> save_posted_graph (typed errors -> 400)."""
 
-    page = b""
+    folder = None
     posted: list[bytes] = []
 
     def do_GET(self):  # noqa: N802
-        self.send_response(200 if self.path == "/graph/capital" else 404)
+        name = self.path.removeprefix("/graph/")
+        try:
+            page = served_explorer(self.folder, name, save_url=self.path).encode("utf-8")
+        except UnknownGraphError:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.end_headers()
-        if self.path == "/graph/capital":
-            self.wfile.write(self.page)
+        self.wfile.write(page)
 
     def do_POST(self):  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).posted.append(body)
-        self.send_response(204)
+        try:
+            save_posted_graph(body, graph_path(self.folder, self.path.removeprefix("/graph/")))
+            self.send_response(204)
+        except MechscopeError:
+            self.send_response(400)
         self.end_headers()
 
     def log_message(self, *a):
@@ -162,18 +178,27 @@ def test_explorer_in_chromium(graph_file, tmp_path):
         assert console_errors(driver) == []
 
 
-def test_explorer_saves_to_the_server(graph_file):
-    """Served (the future `GET /graph/{name}` route), the page POSTs the updated graph JSON to save_url."""
+def test_explorer_saves_to_the_server(graph_file, tmp_path):
+    """Served (the `GET /graph/{name}` route of `mechscope serve`), the page POSTs the updated graph JSON, which is
+    validated and written back over the graph file."""
+    import shutil
+
     from selenium.webdriver.common.by import By
 
-    _Saver.page = explorer_html(graph_file, save_url="/graph/capital").encode("utf-8")
-    _Saver.posted = []
+    folder = tmp_path / "served"
+    folder.mkdir()
+    shutil.copy(graph_file, folder / "capital.json")
+    (folder / "capital.details.json").write_text(json.dumps({"0_5_1": {"logits_up": [[" Paris", 1.5]]}}))
+    _Saver.folder, _Saver.posted = folder, []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Saver)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         with chromium_driver() as driver:
             driver.get(f"http://127.0.0.1:{server.server_port}/graph/capital")
+            assert "promotes" in driver.execute_script(
+                "window.explorer.state.clicked = '0_5_1'; window.explorer.render();"
+                "return document.getElementById('clicked').textContent;")  # details from capital.details.json
             driver.execute_script("window.explorer.togglePin('0_5_1'); window.explorer.togglePin('E_3139_1');"
                                   "window.explorer.groupPinned('France');")
             driver.find_element(By.ID, "save").click()
@@ -183,9 +208,25 @@ def test_explorer_saves_to_the_server(graph_file):
     finally:
         server.shutdown()
         server.server_close()
-    saved = parse_graph_json(_Saver.posted[0])
+    saved = read_graph_json(folder / "capital.json")  # written back by save_posted_graph
     assert saved.supernodes == {"France": ["0_5_1", "E_3139_1"]}
-    assert json.loads(_Saver.posted[0])["metadata"]["prompt"] == HOSTILE_PROMPT
+    assert saved.metadata["prompt"] == HOSTILE_PROMPT and saved.nodes == read_graph_json(graph_file).nodes
+
+
+def test_serving_helpers_refuse_bad_requests(graph_file, tmp_path):
+    import shutil
+
+    shutil.copy(graph_file, tmp_path / "capital.json")
+    for name in ("../capital", "a/b", "", "nope"):
+        with pytest.raises(UnknownGraphError):
+            graph_path(tmp_path, name)
+    doc = json.loads((tmp_path / "capital.json").read_text())
+    doc["links"][0]["weight"] = 99.0
+    with pytest.raises(InputError, match="only pins"):
+        save_posted_graph(json.dumps(doc), tmp_path / "capital.json")
+    with pytest.raises(GraphFormatError):
+        save_posted_graph(b"{not json", tmp_path / "capital.json")
+    assert json.loads((tmp_path / "capital.json").read_text())["links"][0]["weight"] != 99.0  # untouched
 
 
 def test_explorer_opens_a_circuit_tracer_file(tmp_path):

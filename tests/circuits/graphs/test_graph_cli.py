@@ -65,7 +65,9 @@ def test_graph_cli_writes_json_explorer_png(tiny_transcoders, fake_attribution, 
     gf = read_graph_json(out / f"{slug}.json")
     assert gf.metadata["slug"] == slug and gf.metadata["node_threshold"] == 0.7 and len(gf.nodes) == 9
     html = (out / f"{slug}.html").read_text(encoding="utf-8")
-    assert '"logits_up"' in html  # feature details (logit effects from the transcoders) are inlined
+    assert '"logits_up"' in html  # feature details (logit effects from the transcoders) are inlined ...
+    details = json.loads((out / f"{slug}.details.json").read_text())  # ... and kept for the served page
+    assert set(details) == {"0_5_1", "1_2_2", "1_7_2"} and len(details["1_2_2"]["logits_up"]) == 6
     assert (out / f"{slug}_plot.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((out / "graph-metadata.json").read_text())["graphs"][0]["slug"] == slug
     printed = capsys.readouterr().out

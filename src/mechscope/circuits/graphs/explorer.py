@@ -75,6 +75,49 @@ def write_explorer(graph: Any, out_html: str | Path, *, details: Mapping[str, An
     return out
 
 
+# ------------------------------------------------------------------------------------------ served pages
+# How `mechscope serve` mounts the explorer (a folder of graphs written by `mechscope graph`):
+#     @app.get("/graph/{name}")  -> HTMLResponse(served_explorer(folder, name, save_url=f"/graph/{name}"))
+#     @app.post("/graph/{name}") -> save_posted_graph(await request.body(), graph_path(folder, name)); 204
+# (UnknownGraphError -> 404, GraphFormatError / UnknownNodeError / InputError -> 400.)
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+DETAILS_SUFFIX = ".details.json"
+
+
+class UnknownGraphError(InputError):
+    """No graph of that name in the served folder."""
+
+
+def graph_path(folder: str | Path, name: str) -> Path:
+    """FOLDER/{name}.json for a URL name (letters, digits, '_', '.', '-'; no path tricks)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise UnknownGraphError(f"{name!r} is not a graph name (letters, digits, '_', '.', '-').")
+    path = Path(folder) / f"{name}.json"
+    if not path.is_file():
+        raise UnknownGraphError(f"No graph {name!r} in {str(folder)!r}.")
+    return path
+
+
+def served_explorer(folder: str | Path, name: str, *, save_url: str | None = None) -> str:
+    """The explorer page of FOLDER/{name}.json, with FOLDER/{name}.details.json (feature details) when present."""
+    path = graph_path(folder, name)
+    side = path.with_name(name + DETAILS_SUFFIX)
+    details = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
+    return explorer_html(path, details=details, save_url=save_url)
+
+
+def save_posted_graph(body: bytes | str, path: str | Path) -> GraphFile:
+    """Validate a graph JSON POSTed by the explorer and write it over `path` (atomically). Only the saved state
+    (qParams: pins, supernodes) may differ from the file there: other nodes or links are refused (InputError)."""
+    new = parse_graph_json(body, where="the posted graph")
+    old = read_graph_json(path)
+    if new.nodes != old.nodes or new.links != old.links or new.metadata != old.metadata:
+        raise InputError(f"The posted graph is not {str(path)!r} (its nodes, links or metadata differ); only pins "
+                         "and supernodes can be saved back.")
+    return new.save(path)
+
+
 # ------------------------------------------------------------------------------------------ node details
 
 

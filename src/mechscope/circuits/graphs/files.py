@@ -2,6 +2,7 @@
 
     OUT/{slug}.json            the pruned graph (Neuronpedia / circuit-tracer JSON, see graph_json.py)
     OUT/{slug}.html            the explorer page (self-contained)
+    OUT/{slug}.details.json    the feature details inlined in it (logit effects), for the served page
     OUT/{slug}_plot.png        a static picture of the strongest edges (+ {slug}_plot.json, its data)
     OUT/graph-metadata.json    the index circuit-tracer's local viewer lists graphs from
 """
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mechscope.circuits.graphs.explorer import feature_details, write_explorer
+from mechscope.circuits.graphs.explorer import DETAILS_SUFFIX, feature_details, write_explorer
 from mechscope.circuits.graphs.graph_json import (
     add_to_graph_index,
     graph_slug,
@@ -20,6 +21,7 @@ from mechscope.circuits.graphs.graph_json import (
     write_graph_json,
 )
 from mechscope.errors import InputError
+from mechscope.fileio import atomic_write_json
 
 
 def write_graph_files(model: Any, prompt: str, transcoders: Any, out: str | Path, *, slug: str | None = None,
@@ -46,6 +48,7 @@ def write_graph_files(model: Any, prompt: str, transcoders: Any, out: str | Path
     add_to_graph_index(out, gf.metadata)
     details = feature_details(model, transcoders, gf, stats=stats)
     html = write_explorer(gf, out / f"{slug}.html", details=details)
+    atomic_write_json(out / f"{slug}{DETAILS_SUFFIX}", details)
     result: dict[str, Any] = {
         "prompt": prompt, "slug": slug, "json": json_path.name, "html": html.name,
         "n_nodes": len(gf.nodes), "n_links": len(gf.links),
