@@ -13,7 +13,7 @@
                               kind="mlp")                          # t.effects [n_layers, pos] (Meng et al.)
 """
 
-from mechscope.circuits import tasks
+from mechscope.circuits import graphs, tasks
 from mechscope.circuits.attribution import (
     CircuitResult,
     FaithfulnessResult,
@@ -51,7 +51,7 @@ from mechscope.circuits.patching import (
 )
 
 __all__ = [
-    "tasks", "CircuitResult", "FaithfulnessResult", "attribution_patching", "edge_attribution", "evaluate_circuit",
+    "graphs", "tasks", "CircuitResult", "FaithfulnessResult", "attribution_patching", "edge_attribution", "evaluate_circuit",
     "faithfulness", "faithfulness_curve", "run_with_edges", "DLAResult", "direct_logit_attribution", "Graph",
     "GraphShape", "KINDS", "detect_heads", "head_scores", "LensResult", "LensTable", "TunedLens", "decode_resid",
     "evaluate_lenses", "logit_lens", "KLDivergence", "LogitDiff", "TokenProb", "activation_patching",

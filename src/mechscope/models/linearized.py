@@ -34,6 +34,7 @@ class FrozenPrompt:
     tokens: torch.Tensor  # [1, T]
     patterns: list[torch.Tensor] = field(default_factory=list)  # per layer [H, T, T] (float32)
     scales: dict[str, torch.Tensor] = field(default_factory=dict)  # norm module name -> [T, 1] divisor
+    _ws: dict = field(default_factory=dict, repr=False)  # cache: (norm name, dtype) -> weight / scale [T, D]
 
     # ------------------------------------------------------------------ frozen forward
     def freeze_hooks(self) -> list:
@@ -59,14 +60,29 @@ class FrozenPrompt:
     # ------------------------------------------------------------------ vector-Jacobian products
     def norm_vjp(self, name: str, g: torch.Tensor) -> torch.Tensor:
         """Gradient through the norm `name` (e.g. 'blocks.3.ln2') with its scale frozen: g [N, T', D] at its output
-        -> [N, T', D] at its input. LayerNorm also centres (a linear map)."""
-        norm: Norm = self.model.get_submodule(name)
-        s = self.scales[name][: g.shape[1]].to(g.dtype)  # [T', 1]
-        out = g * norm.w.to(g.dtype) if norm.w is not None else g
-        out = out / s
-        if norm.kind == "LN":
-            out = out - out.mean(-1, keepdim=True)
+        -> [N, T', D] at its input (a new tensor). LayerNorm also centres (a linear map)."""
+        ws = self._weight_over_scale(name, g.dtype)[: g.shape[1]]  # [T', D]
+        out = g * ws
+        if self.model.get_submodule(name).kind == "LN":
+            out -= out.mean(-1, keepdim=True)
         return out
+
+    def norm_vjp_at(self, name: str, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """norm_vjp of vectors v [n, D] that sit at single positions pos [n] (read vectors of targets)."""
+        out = v * self._weight_over_scale(name, v.dtype)[pos.to(v.device)]
+        if self.model.get_submodule(name).kind == "LN":
+            out -= out.mean(-1, keepdim=True)
+        return out
+
+    def _weight_over_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """[T, D] the norm weight divided by the frozen per-position scale (what a gradient is multiplied by)."""
+        key = (name, dtype)
+        if key not in self._ws:
+            norm: Norm = self.model.get_submodule(name)
+            s = self.scales[name].to(dtype)  # [T, 1]
+            w = norm.w.detach().to(s.device, dtype) if norm.w is not None else torch.ones(norm.d, dtype=dtype)
+            self._ws[key] = w / s
+        return self._ws[key]
 
     def attn_vjp(self, layer: int, g: torch.Tensor) -> torch.Tensor:
         """Gradient through block `layer`'s attention sublayer (post-attention norm, output and value projections,

@@ -174,7 +174,7 @@ class TranscoderSet(nn.Module):
         if self.coders is not None:
             c = self.coders[layer]
             return c.W_enc * c.cfg.input_scale if c.cfg.input_scale != 1.0 else c.W_enc
-        return self.clt.W_enc[layer]  # type: ignore[union-attr]
+        return self.clt.encoder(layer)  # type: ignore[union-attr]
 
     def decoder(self, src: int, dst: int) -> torch.Tensor | None:
         """[n_features[src], d_out]: what feature i of layer src writes to output_hooks[dst] (per unit of
@@ -232,11 +232,12 @@ class TranscoderSet(nn.Module):
         return out
 
     # ------------------------------------------------------------------ the model
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: Any, *, all_layers: bool = True) -> None:
         """TranscoderMismatchError unless these transcoders replace `model`'s MLPs: one per layer, hooks that
-        exist, widths that match, and (where recorded) the same model identity."""
+        exist, widths that match, and (where recorded) the same model identity. all_layers=False accepts a
+        set covering only the first layers (partial replacement, e.g. for quality measurements)."""
         n_model = model.cfg.n_layers
-        if self.n_layers != n_model:
+        if self.n_layers != n_model and (all_layers or self.n_layers > n_model):
             raise TranscoderMismatchError(
                 f"These transcoders cover {self.n_layers} layers but {model.cfg.model_name!r} has {n_model}: a "
                 "replacement model needs one per layer; load the set trained for this model.")
@@ -265,12 +266,13 @@ class TranscoderSet(nn.Module):
                     f"{diff} ({model.cfg.model_name!r}); use the model they were trained on.")
         return None
 
-    def replacement_interventions(self, *, keep: Callable[[int], bool] | None = None) -> list:
+    def replacement_interventions(self, *, keep: Callable[[int], bool] | None = None, positions: Any = None) -> list:
         """Interventions replacing every MLP output by the transcoders' prediction, in one forward pass.
 
         Each input hook records its activation (unchanged); each output hook is set to ts.output(l, ...)
         from the inputs recorded earlier in the SAME pass (so errors compound, as in a replacement model).
-        keep(l) -> True leaves layer l's real MLP output (default: replace all).
+        keep(l) -> True leaves layer l's real MLP output (default: replace all). positions: which absolute
+        positions to replace (default all; e.g. slice(1, None) leaves a BOS position alone).
         """
         from mechscope.models.interventions import Apply
 
@@ -294,17 +296,25 @@ class TranscoderSet(nn.Module):
         for layer in range(self.n_layers):
             items.append(Apply(self.input_hooks[layer], record(layer)))
             if keep is None or not keep(layer):
-                items.append(Apply(self.output_hooks[layer], replace(layer)))
+                items.append(Apply(self.output_hooks[layer], replace(layer), positions=positions))
         return items
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> Path:
-        """Our folder: transcoders.json + layer_{i}/ (native SAE folders) or clt.safetensors."""
+    def save(self, path: str | os.PathLike, format: str = "mechscope") -> Path:
+        """Write the folder `path`: "mechscope" (transcoders.json + layer_{i}/ native SAE folders, or clt.json +
+        clt.safetensors; lossless) or "circuit-tracer" (config.yaml + layer_{i}.safetensors, or W_enc_{i} /
+        W_dec_{i}; ReLU / JumpReLU only, see mechscope.sae.io.circuit_tracer)."""
         from mechscope.fileio import atomic_write_json
         from mechscope.validate import writable_dir
 
+        if format not in ("mechscope", "circuit-tracer"):
+            raise InputError(f"Unknown transcoder format {format!r}; choose 'mechscope' or 'circuit-tracer'.")
         folder = Path(path)
         writable_dir(folder, flag=None, what="transcoder folder", keep=False)
+        if format == "circuit-tracer":
+            from mechscope.sae.io import circuit_tracer
+
+            return circuit_tracer.write(self, folder)
         folder.mkdir(parents=True, exist_ok=True)
         manifest: dict[str, Any] = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "clt" if self.cross_layer else "plt",
@@ -359,10 +369,12 @@ class TranscoderSet(nn.Module):
                 f"{self.input_hooks[0]} -> {self.output_hooks[0]}, model {self.model_name!r})")
 
 
-def load_transcoders(path: str | os.PathLike, *, device=None, dtype=None) -> TranscoderSet:
+def load_transcoders(path: str | os.PathLike, *, device=None, dtype=None, input_hook: str | None = None,
+                     output_hook: str | None = None) -> TranscoderSet:
     """Load a model's transcoders from `path`, detecting the layout: our folder (transcoders.json), or
     circuit-tracer's per-layer set (config.yaml + layer_{i}.safetensors) or cross-layer transcoder
-    (W_enc_{i}.safetensors + W_dec_{i}.safetensors)."""
+    (W_enc_{i}.safetensors + W_dec_{i}.safetensors). input_hook / output_hook ("blocks.{l}.hook_resid_mid" or
+    circuit-tracer's "hook_resid_mid") override the hooks a circuit-tracer folder names (or lacks)."""
     folder = Path(path)
     if not folder.is_dir():
         from mechscope.errors import UnknownFormatError
@@ -370,10 +382,12 @@ def load_transcoders(path: str | os.PathLike, *, device=None, dtype=None) -> Tra
         raise UnknownFormatError(f"No transcoder folder at {folder}: " +
                                  ("the path does not exist." if not folder.exists() else "it is a file; pass its folder."))
     if is_transcoder_folder(folder):
+        if input_hook or output_hook:
+            raise InputError(f"{folder} records its hooks; input_hook / output_hook apply to circuit-tracer folders.")
         return TranscoderSet.load_folder(folder, device=device, dtype=dtype)
     from mechscope.sae.io import circuit_tracer
 
-    return circuit_tracer.read(folder, device=device, dtype=dtype)
+    return circuit_tracer.read(folder, device=device, dtype=dtype, input_hook=input_hook, output_hook=output_hook)
 
 
 def is_transcoder_folder(folder: Path) -> bool:

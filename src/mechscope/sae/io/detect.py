@@ -83,6 +83,7 @@ def locate(path: str | Path) -> tuple[str, Path]:
     fmt = _folder_format(path)
     if fmt:
         return fmt, path
+    _refuse_transcoder_set(path)
     subs = coder_subfolders(path)
     if len(subs) == 1:
         return next(iter(subs.values()))
@@ -90,6 +91,24 @@ def locate(path: str | Path) -> tuple[str, Path]:
         raise MultipleCodersError(path, list(subs))
     raise UnknownFormatError(f"No sparse coder found in {path}. Looked for {LOOKED_FOR} "
                              "(in the folder or one level below).")
+
+
+def _refuse_transcoder_set(folder: Path) -> None:
+    """A model's whole set of transcoders (ours or circuit-tracer's) is not one coder: say what loads it."""
+    from mechscope.sae.io import circuit_tracer
+
+    if (folder / "transcoders.json").is_file():
+        what = "a mechscope transcoder set"
+    else:
+        try:
+            kind = circuit_tracer.detect(folder)
+        except Exception:  # noqa: BLE001 (an unreadable config.yaml: load_transcoders reports it)
+            kind = None
+        if kind is None:
+            return
+        what = f"circuit-tracer transcoders ({'cross-layer' if kind == 'clt' else 'per-layer'})"
+    raise UnknownFormatError(f"{folder} holds {what}, not one sparse coder: load it with "
+                             f"mechscope.sae.load_transcoders('{folder}').")
 
 
 def detect_format(path: str | Path) -> str:
