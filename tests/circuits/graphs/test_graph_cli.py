@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from fake_graph import make_graph
 
 from mechscope import sae
 from mechscope.circuits import graphs
@@ -30,51 +29,37 @@ def tiny_transcoders(tiny_lm_folder, tmp_path_factory):
     return folder, model, ts_dir
 
 
-@pytest.fixture()
-def fake_attribution(monkeypatch):
-    """Until circuits.graphs.attribute (h-graph) lands: a stand-in returning the hand-made graph, recording calls."""
-    calls = {}
-
-    def attribute(model, prompt, ts, **kw):
-        calls["attribute"] = (prompt, kw, ts.n_layers)
-        g = make_graph()
-        g.prompt = prompt
-        g.model_identity = {"n_layers": model.cfg.n_layers}
-        return g
-
-    def prune(g, node_threshold=0.8, edge_threshold=0.98):
-        calls["prune"] = (node_threshold, edge_threshold)
-        return g
-
-    monkeypatch.setattr(graphs, "attribute", attribute, raising=False)
-    monkeypatch.setattr(graphs, "prune", prune, raising=False)
-    return calls
-
-
-def test_graph_cli_writes_json_explorer_png(tiny_transcoders, fake_attribution, tmp_path, capsys):
+def test_graph_cli_writes_json_explorer_png(tiny_transcoders, tmp_path, capsys):
     folder, model, ts_dir = tiny_transcoders
     out = tmp_path / "g"
     rc = main(["graph", "The capital of France is", "--model", str(folder), "--transcoders", str(ts_dir),
-               "--out", str(out), "--node-threshold", "0.7", "--max-n-logits", "5"])
+               "--out", str(out), "--node-threshold", "0.7", "--max-n-logits", "5", "--batch-size", "64"])
     assert rc == 0, capsys.readouterr().err
-    prompt, kw, n_layers = fake_attribution["attribute"]
-    assert prompt == "The capital of France is" and n_layers == 3
-    assert kw["max_n_logits"] == 5 and kw["desired_logit_prob"] == 0.95 and kw["batch_size"] == 256
-    assert fake_attribution["prune"] == (0.7, 0.98)
     slug = "the-capital-of-france-is"
     gf = read_graph_json(out / f"{slug}.json")
-    assert gf.metadata["slug"] == slug and gf.metadata["node_threshold"] == 0.7 and len(gf.nodes) == 9
+    meta = gf.metadata
+    assert meta["slug"] == slug and meta["node_threshold"] == 0.7 and meta["prompt"] == "The capital of France is"
+    assert meta["prompt_tokens"] == model.to_str_tokens("The capital of France is")
+    assert meta["generation_settings"]["max_n_logits"] == 5 and meta["generation_settings"]["batch_size"] == 64
+    assert meta["pruning_settings"] == {"node_threshold": 0.7, "edge_threshold": 0.98}
+    kinds = [gf.kind(n) for n in gf.nodes]
+    assert kinds.count("embedding") == len(meta["prompt_tokens"]) and 1 <= kinds.count("logit") <= 5
+    assert kinds.count("feature") > 0 and len(gf.links) > 0
+    # ids as circuit-tracer writes them: logits sit at "layer" n_layers + 1 = 4, at the last position
+    last = len(meta["prompt_tokens"]) - 1
+    assert all(n["node_id"].startswith("4_") and n["node_id"].endswith(f"_{last}") for n in gf.nodes
+               if gf.kind(n) == "logit")
     html = (out / f"{slug}.html").read_text(encoding="utf-8")
     assert '"logits_up"' in html  # feature details (logit effects from the transcoders) are inlined ...
     details = json.loads((out / f"{slug}.details.json").read_text())  # ... and kept for the served page
-    assert set(details) == {"0_5_1", "1_2_2", "1_7_2"} and len(details["1_2_2"]["logits_up"]) == 6
+    assert set(details) == {n["node_id"] for n in gf.nodes if gf.kind(n) == "feature"}
     assert (out / f"{slug}_plot.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((out / "graph-metadata.json").read_text())["graphs"][0]["slug"] == slug
     printed = capsys.readouterr().out
-    assert "9 nodes, 8 links" in printed and "replacement 0.500" in printed
+    assert f"{len(gf.nodes)} nodes, {len(gf.links)} links" in printed and "replacement" in printed
 
 
-def test_graph_cli_bad_input(tiny_transcoders, fake_attribution, tmp_path, capsys):
+def test_graph_cli_bad_input(tiny_transcoders, tmp_path, capsys):
     folder, model, ts_dir = tiny_transcoders
     assert main(["graph", "x", "--model", str(folder), "--transcoders", str(tmp_path / "none"),
                  "--out", str(tmp_path / "o")]) == 2
@@ -84,10 +69,10 @@ def test_graph_cli_bad_input(tiny_transcoders, fake_attribution, tmp_path, capsy
     assert main(["graph", "x", "--model", str(folder), "--transcoders", str(tmp_path / "short"),
                  "--out", str(tmp_path / "o2")]) == 2
     assert "cover 2 layers" in capsys.readouterr().err
-    assert "attribute" not in fake_attribution  # refused before any attribution
+    assert not (tmp_path / "o2" / "x.json").exists()  # refused before any attribution
 
 
-def test_report_graph_stage(tiny_transcoders, fake_attribution, tmp_path):
+def test_report_graph_stage(tiny_transcoders, tmp_path, monkeypatch):
     """The opt-in stage on its own (the full tiny report runs in tests/report): cached by transcoder content,
     rendered as a page section."""
     from types import SimpleNamespace
@@ -105,11 +90,11 @@ def test_report_graph_stage(tiny_transcoders, fake_attribution, tmp_path):
     model_in = {"model": {k: v for k, v in ident.items() if k != "name"}}
     key = graph_stage_key(cfg, model_in)
     r = rf.stage("graph", key, lambda f: run_graph_stage(model, f, cfg), log=lambda m: None)
-    assert r["n_nodes"] == 9 and r["json"] == "graph.json"
-    assert read_graph_json(rf.artifacts / "graph" / "graph.json").prompt == "The capital of France is"
-    fake_attribution.clear()
+    gf = read_graph_json(rf.artifacts / "graph" / "graph.json")
+    assert r["json"] == "graph.json" and r["n_nodes"] == len(gf.nodes) and gf.prompt == "The capital of France is"
+    monkeypatch.setattr(graphs, "attribute", lambda *a, **k: pytest.fail("the cached stage attributed again"))
     assert rf.stage("graph", graph_stage_key(cfg, model_in), lambda f: run_graph_stage(model, f, cfg),
-                    log=lambda m: None) == r and fake_attribution == {}  # cached
+                    log=lambda m: None) == r  # cached
     # other transcoder bytes -> another key (by content, not path)
     coder_file = next(p for p in sorted(ts_dir.rglob("*.safetensors")))
     data = coder_file.read_bytes()
@@ -119,7 +104,7 @@ def test_report_graph_stage(tiny_transcoders, fake_attribution, tmp_path):
     finally:
         coder_file.write_bytes(data)
     html = graph_report_section(r, rf.artifacts / "graph")
-    assert "artifacts/graph/graph.html" in html and "data:image/png;base64" in html and "Paris" in html
+    assert "artifacts/graph/graph.html" in html and "data:image/png;base64" in html and "Output" in html
 
 
 def test_report_graph_option(tmp_path):

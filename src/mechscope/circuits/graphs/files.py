@@ -53,7 +53,8 @@ def write_graph_files(model: Any, prompt: str, transcoders: Any, out: str | Path
         "prompt": prompt, "slug": slug, "json": json_path.name, "html": html.name,
         "n_nodes": len(gf.nodes), "n_links": len(gf.links),
         "n_features": sum(gf.kind(n) == "feature" for n in gf.nodes),
-        "n_active_features": sum(getattr(n, "kind", None) == "feature" for n in g.nodes),
+        "n_active_features": int((getattr(g, "settings", None) or {}).get(
+            "n_active_features", sum(getattr(n, "kind", None) == "feature" for n in g.nodes))),
         "logits": [[n["clerp"], n["token_prob"]] for n in gf.nodes if gf.kind(n) == "logit"],
         "scores": {k: float(v) for k, v in (getattr(g, "scores", None) or {}).items()},
         "node_threshold": node_threshold, "edge_threshold": edge_threshold, "attribution_seconds": t_attr,

@@ -227,6 +227,8 @@ def _get(node: Any, name: str, default: Any = None) -> Any:
 
 
 def _n_layers(g: Any) -> int:
+    if isinstance(getattr(g, "n_layers", None), int) and g.n_layers > 0:
+        return g.n_layers
     for src in (getattr(g, "settings", None) or {}, getattr(g, "model_identity", None) or {}):
         if isinstance(src.get("n_layers"), int):
             return src["n_layers"]
@@ -263,13 +265,16 @@ def node_record(node: Any, n_layers: int, input_ids: list[int], *, first_logit: 
     elif kind == "embedding":
         if not 0 <= pos < len(input_ids):
             raise InputError(f"embedding node at position {pos} but the prompt has {len(input_ids)} tokens.")
-        tid = int(input_ids[pos])
+        tid = _get(node, "token_id")
+        tid = int(input_ids[pos] if tid is None else tid)
         rec.update(node_id=f"E_{tid}_{pos}", feature=pos, layer="E", jsNodeId=f"E_{tid}-{pos}")
         rec["influence"] = _float(_get(node, "influence"))
     elif kind == "logit":
-        if feat is None:
-            raise InputError("a logit node needs its token id in `feature`.")
-        tid, lay = int(feat), str(n_layers + 1)
+        tid = _get(node, "token_id", None)
+        tid = feat if tid is None else tid
+        if tid is None:
+            raise InputError("a logit node needs its token id (`token_id`).")
+        tid, lay = int(tid), str(n_layers + 1)  # circuit-tracer 0.5: the logit "layer" is n_layers + 1
         prob = _float(_get(node, "prob")) or 0.0
         token = str(_get(node, "token") or "")
         rec.update(node_id=f"{lay}_{tid}_{pos}", feature=tid, layer=lay, token_prob=prob,
@@ -341,7 +346,7 @@ def graph_to_json(g: Any, *, slug: str | None = None, supernodes: Mapping[str, I
                  "create_time_ms": int(time.time() * 1000)},
     }
     gen = {k: settings[k] for k in ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes")
-           if k in settings}
+           if settings.get(k) is not None}  # Neuronpedia's schema has no null here
     if gen:
         meta["generation_settings"] = gen
     prune = {k: settings[k] for k in ("node_threshold", "edge_threshold")
