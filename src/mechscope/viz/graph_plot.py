@@ -9,6 +9,7 @@ red positive, blue negative); the data sidecar lists every drawn node and edge.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def _layout(gf: Any) -> tuple[dict[str, tuple[float, float]], int]:
 
 
 def attribution_graph_plot(graph: Any, *, title: str | None = None, max_edges: int = 150,
-                           label_top: int = 12) -> Plot:
+                           label_top: int = 8) -> Plot:
     """Render a graph (AttributionGraph, GraphFile, graph dict or .json path) as a PNG Plot."""
     from mechscope.circuits.graphs.explorer import as_graph_file
 
@@ -75,16 +76,26 @@ def attribution_graph_plot(graph: Any, *, title: str | None = None, max_edges: i
             if len(pts):
                 ax.scatter(pts[:, 0], pts[:, 1], s=28 if kind == "feature" else 40, c=colour, edgecolors="#333",
                            linewidths=0.5, zorder=2, label=kind)
-        infl = sorted((n for n in gf.nodes if kinds[n["node_id"]] in ("feature", "logit")),
-                      key=lambda n: (kinds[n["node_id"]] != "logit", -(abs(n.get("influence") or 0.0))))
-        for n in infl[:label_top]:
+        feats = sorted((n for n in gf.nodes if kinds[n["node_id"]] == "feature"),
+                       key=lambda n: abs(n.get("influence") or 0.0))  # circuit-tracer: smaller = more influential
+        for n in feats[:label_top]:
             x, y = xy[n["node_id"]]
-            text = n.get("clerp") or n["node_id"]
-            ax.annotate(text[:28], (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, zorder=3)
+            ax.annotate((n.get("clerp") or n["node_id"])[:28], (x, y), xytext=(3, 3), textcoords="offset points",
+                        fontsize=6, zorder=3)
+        logits = sorted((n for n in gf.nodes if kinds[n["node_id"]] == "logit"), key=lambda n: -n.get("token_prob", 0))
+        for i, n in enumerate(logits[:4]):  # the top logits, staggered so their labels do not overlap
+            x, y = xy[n["node_id"]]
+            m = re.match(r'Output "(.*)" \(p=', n.get("clerp") or "")
+            label = f"{(m.group(1) if m else n['node_id'])[:12]!r} {n.get('token_prob', 0):.2f}"
+            ax.annotate(label, (x, y), xytext=(0, 6 + 9 * i), textcoords="offset points", fontsize=6, ha="center",
+                        zorder=3)
         ax.set_xticks(range(len(tokens)), [repr(t)[1:-1][:12] for t in tokens], rotation=45, ha="right")
-        ax.set_yticks([0, top_rank], ["emb", "logits"] if top_rank > 1 else ["emb", "L0"])
+        step = max(1, top_rank // 6)
+        ranks = [0] + list(range(step, top_rank, step)) + [top_rank]
+        names = ["emb"] + [f"L{r - 1}" for r in ranks[1:-1]] + ["logits" if logits else f"L{top_rank - 1}"]
+        ax.set_yticks(ranks, names)
         ax.set_xlim(-0.6, max(len(tokens), 1) - 0.4)
-        ax.set_ylim(-0.6, top_rank + 0.6)
+        ax.set_ylim(-0.6, top_rank + 1.2)
         ax.set_ylabel("layer")
         ax.set_title(title[:100])
         ax.legend(loc="upper left", fontsize=7, frameon=False, ncols=4)

@@ -148,6 +148,13 @@ def test_explorer_in_chromium(graph_file, tmp_path):
         # with nothing hovered, the clicked node defaults to the target logit: its 3 input edges are drawn
         edges = driver.find_elements(By.CSS_SELECTOR, "#edges path")
         assert sorted(e.get_attribute("data-source") for e in edges) == ["1_2_2", "1_7_2", "E_464_0"]
+        # a click on the background drops the focus: the strongest edges are drawn, up to --max-edges
+        driver.execute_script("document.getElementById('graph').dispatchEvent(new MouseEvent('click', {bubbles: true}))")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#edges path")) == len(gf.links)
+        box = driver.find_element(By.ID, "max-edges")
+        driver.execute_script("arguments[0].value = '3'; arguments[0].dispatchEvent(new Event('change'))", box)
+        widths = [float(e.get_attribute("stroke-width")) for e in driver.find_elements(By.CSS_SELECTOR, "#edges path")]
+        assert len(widths) == 3 and widths[0] == max(widths) == 4.3  # |weight| 3.0 = the largest: full width
         # hover: the tooltip shows the label (HTML-escaped), activation and influence
         node = driver.find_element(By.CSS_SELECTOR, "circle[data-id='1_2_2']")
         ActionChains(driver).move_to_element(node).perform()
