@@ -245,3 +245,60 @@ def test_reads_a_genuine_circuit_tracer_file_and_writes_the_same_records():
     assert a.shape == (57, 57)
     assert float(a.sum()) == pytest.approx(sum(link["weight"] for link in gf.links), rel=1e-5, abs=1e-4)
     assert int((a != 0).sum()) < len(gf.links)  # links of the two nodes behind an ambiguous id were merged
+
+
+@pytest.mark.slow
+def test_same_graph_file_as_circuit_tracer(tmp_path_factory):
+    """End to end against the peer: our attribute + prune + write_graph_json on the same random GPT-2-small and
+    the same 12 transcoders (circuit-tracer's layout, read by sae.load_transcoders) give circuit-tracer 0.5's file:
+    the same nodes and links, weights within 1e-4 of the largest, the same activations and influences. The model
+    is rebuilt from its seed; if this transformers version initialises it differently, the test says so and skips."""
+    import importlib.util
+
+    from mechscope import sae
+    from mechscope.circuits.graphs import attribute, prune
+    from mechscope.models.identity import model_identity
+    from mechscope.models.loading import load_model
+
+    src = json.loads(CT_FILE.with_name("circuit_tracer_graph.source.json").read_text())
+    spec = importlib.util.spec_from_file_location("make_ct", CT_FILE.with_name("make_circuit_tracer_graph.py"))
+    make_ct = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_ct)
+    work = tmp_path_factory.mktemp("ct-peer")
+    make_ct.prepare(work)
+    model = load_model(str(work / "gpt2"))
+    ident = model_identity(model)
+    if {k: ident[k] for k in src["model"]} != src["model"]:
+        pytest.skip(f"the seeded GPT-2-small differs from the fixture's ({ident['weights_fingerprint']} vs "
+                    f"{src['model']['weights_fingerprint']}): regenerate the fixture with make_circuit_tracer_graph.py")
+    ts = sae.load_transcoders(work / "transcoders")
+    g = attribute(model, torch.tensor([src["tokens"]]), ts, max_n_logits=src["max_n_logits"],
+                  batch_size=src["batch_size"])
+    doc = graph_to_json(prune(g, src["node_threshold"], src["edge_threshold"]))
+    ct = json.loads(CT_FILE.read_text())
+
+    def ct_id(n):  # our renamed error ids back to circuit-tracer 0.5's (ambiguous) form
+        return f"0_{n['layer']}_{n['ctx_idx']}" if n["feature_type"] == "mlp reconstruction error" else n["node_id"]
+
+    assert sorted(ct_id(n) for n in doc["nodes"]) == sorted(n["node_id"] for n in ct["nodes"])
+    to_ct = {n["node_id"]: ct_id(n) for n in doc["nodes"]}
+
+    def links(d, m):
+        out = {}
+        for x in d["links"]:
+            k = (m(x["source"]), m(x["target"]))
+            out[k] = out.get(k, 0.0) + x["weight"]
+        return out
+
+    ours, theirs = links(doc, to_ct.get), links(ct, lambda i: i)
+    assert set(ours) == set(theirs) and len(doc["links"]) == len(ct["links"])
+    scale = max(abs(v) for v in theirs.values())
+    assert max(abs(ours[k] - theirs[k]) for k in theirs) / scale < 1e-4
+    fo = {n["node_id"]: n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    fc = {n["node_id"]: n for n in ct["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    assert set(fo) == set(fc)
+    for k in fc:
+        assert fo[k]["activation"] == pytest.approx(fc[k]["activation"], rel=1e-4, abs=1e-6)
+        assert fo[k]["influence"] == pytest.approx(fc[k]["influence"], abs=1e-4)
+    assert [n["node_id"] for n in doc["nodes"] if n["is_target_logit"]] == \
+        [n["node_id"] for n in ct["nodes"] if n["is_target_logit"]]
