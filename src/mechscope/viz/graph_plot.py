@@ -30,8 +30,8 @@ def _layout(gf: Any) -> tuple[dict[str, tuple[float, float]], int]:
     """node_id -> (x, y): x = position (spread within a cell by influence), y = layer rank (emb 0, logits top)."""
     ranks = {}
     for n in gf.nodes:
-        lay = n["layer"]
-        ranks[n["node_id"]] = 0 if str(lay) == "E" else int(lay) + 1
+        lay = n["layer"]  # logits: "layer" n_layers + 1 (circuit-tracer), i.e. the row above the last layer
+        ranks[n["node_id"]] = 0 if str(lay) == "E" else int(lay) + (0 if gf.kind(n) == "logit" else 1)
     cells: dict[tuple[int, int], list[dict]] = {}
     for n in gf.nodes:
         cells.setdefault((ranks[n["node_id"]], int(n["ctx_idx"])), []).append(n)
