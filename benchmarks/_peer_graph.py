@@ -47,13 +47,12 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from circuit_tracer import ReplacementModel, attribute
     from circuit_tracer.graph import compute_graph_scores, prune_graph
     from circuit_tracer.transcoder.activation_functions import TopK
     from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(a.threads)
     import yaml

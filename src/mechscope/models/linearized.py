@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from mechscope.errors import UnsupportedArchitectureError
-
 from mechscope.models.components import Norm
 
 

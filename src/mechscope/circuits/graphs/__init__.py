@@ -12,12 +12,18 @@ the direct effects between its features, pruning, scores and interventions that 
 
 from mechscope.circuits.graphs.attribution import attribute, logit_targets
 from mechscope.circuits.graphs.graph import AttributionGraph, Node, node_id
-from mechscope.circuits.graphs.intervene import FeatureEdit, feature_interventions, predicted_logit_change
+from mechscope.circuits.graphs.intervene import (
+    FeatureEdit,
+    feature_interventions,
+    predicted_change,
+    predicted_logit_change,
+)
 from mechscope.circuits.graphs.prune import graph_scores, influence, normalize_matrix, prune, prune_masks
 from mechscope.circuits.graphs.replacement import ReplacementModel
 
 __all__ = ["AttributionGraph", "FeatureEdit", "Node", "ReplacementModel", "attribute", "feature_interventions",
-           "graph_scores", "influence", "logit_targets", "node_id", "normalize_matrix", "predicted_logit_change",
+           "graph_scores", "influence", "logit_targets", "node_id", "normalize_matrix", "predicted_change",
+           "predicted_logit_change",
            "prune", "prune_masks"]
 
 # --- graph files and the explorer (h-gjson)

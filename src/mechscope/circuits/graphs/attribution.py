@@ -265,6 +265,7 @@ def attribute(model, prompt, transcoders, max_n_logits: int = 10, desired_logit_
     pos_in_rows[done_idx] = torch.arange(len(done_idx))
     adj[:n_sel, : n_nodes - n_logits] = feat_rows[pos_in_rows[sel_feats]][:, keep_cols]
     adj[n_nodes - n_logits :, : n_nodes - n_logits] = logit_rows[:, keep_cols]
+    del feat_rows, logit_rows, sweep
     nodes = _nodes(rm, feat_idx[sel_feats], feat_act[sel_feats], l_ids, l_probs, L)
     tok = model.tokenizer
     g = AttributionGraph(

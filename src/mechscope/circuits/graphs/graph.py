@@ -35,6 +35,11 @@ class Node:
     node_id: str = ""
     token_id: int | None = None  # vocabulary id (embeddings, logits)
 
+    @property
+    def key(self) -> tuple:
+        """A unique key (circuit-tracer's node ids can collide: feature "0_0_5" of layer 0 vs error "0_0_5")."""
+        return (self.kind, self.layer, self.pos, self.feature, self.token_id)
+
 
 def node_id(kind: str, layer: int | None, pos: int, feature: int | None = None, token_id: int | None = None,
             n_layers: int | None = None) -> str:
@@ -78,14 +83,31 @@ class AttributionGraph:
         return sum(n.kind == kind for n in self.nodes)
 
     def index(self, node_id_: str) -> int:
-        """Row/column of the node with this id (InputError if absent)."""
-        if not hasattr(self, "_ids") or len(self._ids) != len(self.nodes):
-            self._ids = {n.node_id: i for i, n in enumerate(self.nodes)}
+        """Row/column of the node with this id (InputError if absent). circuit-tracer's ids can collide (feature
+        "0_0_5" = feature 0 of layer 0 at position 5, error "0_0_5" = error of layer 0 at position 5): the feature
+        wins; use index_of / feature_index to be exact."""
+        if getattr(self, "_ids", None) is None or len(self._ids[1]) != len(self.nodes):
+            ids: dict[str, int] = {}
+            for i, n in enumerate(self.nodes):
+                ids.setdefault(n.node_id, i)
+            self._ids = (ids, {n.key: i for i, n in enumerate(self.nodes)})
         try:
-            return self._ids[node_id_]
+            return self._ids[0][node_id_]
         except KeyError:
             raise InputError(f"No node {node_id_!r} in this graph ({len(self.nodes)} nodes; ids look like "
                              f"{self.nodes[0].node_id!r}).") from None
+
+    def index_of(self, node: Node) -> int:
+        """Row/column of the node with the same kind, layer, position, feature and token as `node`."""
+        self.index(self.nodes[0].node_id)  # builds the lookup tables
+        try:
+            return self._ids[1][node.key]
+        except KeyError:
+            raise InputError(f"No {node.kind} node at layer {node.layer}, position {node.pos} in this graph.") from None
+
+    def feature_index(self, layer: int, pos: int, feature: int) -> int:
+        """Row/column of feature `feature` of layer `layer` at position `pos` (InputError if not a node)."""
+        return self.index_of(Node("feature", layer, pos, feature))
 
     @property
     def logit_weights(self) -> torch.Tensor:

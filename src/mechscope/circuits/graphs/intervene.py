@@ -4,7 +4,7 @@ predicts they do.
     ivs = feature_interventions(ts, {(3, 5, 1021): 0.0})     # inhibit feature 1021 of layer 3 at position 5
     logits = model(tokens, interventions=ivs)                 # Foundation II interventions: forward, cache, ...
     text = model.generate(prompt, 10, interventions=ivs)
-    predicted_logit_change(g, {(3, 5, 1021): 0.0})            # {token: direct-effect prediction}
+    predicted_logit_change(g, {(3, 5, 1021): 0.0})            # {token id: direct-effect prediction}
 
 In the real model the MLP still runs; at each output hook the intervention adds what the edited features would
 write differently: sum over edits of (value - current activation) x decoder row, the current activation computed
@@ -109,13 +109,13 @@ def predicted_change(g: AttributionGraph, edits: Edits) -> torch.Tensor:
     a = g.dense()
     delta = torch.zeros(len(g.nodes))
     for key, v in e.items():
-        i = g.index(f"{key[0]}_{key[2]}_{key[1]}")
+        i = g.feature_index(*key)
         act = g.nodes[i].activation
         delta[i] = v / act - 1.0
     return a @ delta
 
 
-def predicted_logit_change(g: AttributionGraph, edits: Edits) -> dict[str, float]:
-    """{logit token: predicted change of its demeaned logit} (direct effects of the edited features)."""
+def predicted_logit_change(g: AttributionGraph, edits: Edits) -> dict[int, float]:
+    """{logit token id: predicted change of its demeaned logit} (direct effects of the edited features)."""
     d = predicted_change(g, edits)
-    return {n.token: float(d[i]) for i, n in enumerate(g.nodes) if n.kind == "logit"}
+    return {n.token_id: float(d[i]) for i, n in enumerate(g.nodes) if n.kind == "logit"}

@@ -54,8 +54,8 @@ def _masks(g: AttributionGraph):
 
 def graph_scores(g: AttributionGraph) -> dict[str, float]:
     """{"replacement": ..., "completeness": ...} of a full graph (Ameisen et al. 2025, circuit-tracer)."""
-    a = g.dense().double()
-    w = g.logit_weights.double()
+    a = g.dense()  # float32, as circuit-tracer (a float64 copy would double the peak memory of a full graph)
+    w = g.logit_weights
     _, err, tok, _ = _masks(g)
     an = normalize_matrix(a)
     inf = influence(an, w)

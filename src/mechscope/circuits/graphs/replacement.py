@@ -112,7 +112,8 @@ class ReplacementModel:
         set. Features are recomputed from the (edited) residual by the transcoders unless freeze_features (then
         every unedited feature keeps its activation on the prompt: the purely linear model the graph describes).
         freeze_attention=False lets attention patterns and norm scales respond (error nodes stay constant).
-        return_acts: also the per-layer activations [T, n_l] of that run."""
+        return_acts: also return the per-layer activations [T, n_l] and transcoder inputs [T, d_in] of that run:
+        (logits, acts, inputs)."""
         edits = dict(edits or {})
         L = self.ts.n_layers
         for (layer, pos, feat) in edits:
@@ -145,4 +146,6 @@ class ReplacementModel:
             hooks = self.frozen.freeze_hooks() + hooks
         with self.model.hooks(hooks):
             out = self.model(self.tokens)[0]
-        return (out, acts) if return_acts else out
+        if return_acts:
+            return out, acts, [cur_in[i][0] if cur_in[i].dim() == 3 else cur_in[i] for i in range(L)]
+        return out
