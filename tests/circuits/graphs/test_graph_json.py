@@ -99,6 +99,7 @@ def test_round_trip_and_adjacency(written):
     assert gf.node_ids == ["0_5_1", "1_2_2", "1_7_2", "0_0_2", "E_464_0", "E_3139_1", "E_1287_2", "3_42_2", "3_17_2"]
     assert torch.equal(a, g.adjacency[kept][:, kept])
     assert [gf.kind(n) for n in gf.nodes].count("feature") == 3
+    assert graph_to_json(g, slug="capital") == graph_to_json(make_graph(), slug="capital")  # deterministic
     # the sparse (full-graph) adjacency gives the same nodes and links
     doc_sparse = graph_to_json(make_graph(sparse=True), slug="capital")
     assert doc_sparse["links"] == gf.links and doc_sparse["nodes"] == gf.nodes

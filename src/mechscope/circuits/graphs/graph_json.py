@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -342,8 +341,7 @@ def graph_to_json(g: Any, *, slug: str | None = None, supernodes: Mapping[str, I
         "prompt_tokens": [str(t) for t in g.tokens], "prompt": str(g.prompt),
         "node_threshold": node_threshold if node_threshold is not None else settings.get("node_threshold"),
         "schema_version": FILE_SCHEMA_VERSION,
-        "info": {"generator": {"name": "mechscope", "version": _version()},
-                 "create_time_ms": int(time.time() * 1000)},
+        "info": {"generator": {"name": "mechscope", "version": _version()}},  # no timestamp: same graph, same bytes
     }
     gen = {k: settings[k] for k in ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes")
            if settings.get(k) is not None}  # Neuronpedia's schema has no null here
