@@ -121,6 +121,14 @@ def test_supernodes_saved_and_checked(written, tmp_path):
         read_graph_json(tmp_path / "ghost.json")
     with pytest.raises(InputError, match="list of node ids"):
         gf.with_supernodes({"s": "1_2_2"})
+    with pytest.raises(InputError, match="mapping"):
+        write_graph_json(make_graph(), tmp_path / "y.json", supernodes=[["a", "1_2_2"]])
+    # ids may also be the graph's own Node.node_id (h-graph numbers logits n_layers, the file n_layers + 1)
+    g = make_graph()
+    g.nodes[8].node_id = "2_42_2"
+    doc = graph_to_json(g, supernodes={"say Paris": ["2_42_2", "1_2_2"]}, pinned=["2_42_2"], labels={"2_42_2": "Paris!"})
+    assert doc["qParams"]["supernodes"] == [["say Paris", "3_42_2", "1_2_2"]] and doc["qParams"]["pinnedIds"] == ["3_42_2"]
+    assert next(n for n in doc["nodes"] if n["node_id"] == "3_42_2")["clerp"] == "Paris!"
 
 
 def _mutated(written, tmp_path, fn, name="bad.json"):

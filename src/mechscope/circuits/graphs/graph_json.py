@@ -308,7 +308,8 @@ def graph_to_json(g: Any, *, slug: str | None = None, supernodes: Mapping[str, I
     """An AttributionGraph (its nodes, adjacency[target, source], prompt and settings) -> the file's dict.
 
     Like circuit-tracer, feature and error nodes without any edge are left out (embeddings and logits stay).
-    `labels` maps node ids to a label (the viewer's "clerp"), e.g. explanations from our feature statistics."""
+    `labels` maps node ids to a label (the viewer's "clerp"), e.g. explanations from our feature statistics.
+    Ids in labels / supernodes / pinned may be the file's or the graph's own (Node.node_id)."""
     labels = dict(labels or {})
     n_layers = _n_layers(g)
     input_ids = [int(t) for t in g.input_ids]
@@ -321,6 +322,17 @@ def graph_to_json(g: Any, *, slug: str | None = None, supernodes: Mapping[str, I
         if r["feature_type"] == FEATURE_TYPES["error"] and r["node_id"] in taken:
             renamed.append(r["node_id"])
             r["node_id"] = f"{r['layer']}_-1_{r['ctx_idx']}"
+    # ids the caller may know the nodes by (the graph's own Node.node_id) -> the file's ids
+    alias = {str(_get(n, "node_id")): r["node_id"] for n, r in zip(nodes, recs) if _get(n, "node_id")}
+
+    def file_id(i: Any) -> str:
+        return alias.get(str(i), str(i))
+
+    labels = {file_id(k): v for k, v in labels.items()}
+    if isinstance(supernodes, Mapping):
+        supernodes = {k: v if isinstance(v, str) else [file_id(i) for i in v] for k, v in supernodes.items()}
+    supernodes = {} if supernodes is None else supernodes
+    pinned = [file_id(p) for p in pinned]
     for r in recs:
         if r["node_id"] in labels:
             r["clerp"] = str(labels[r["node_id"]])
@@ -330,7 +342,7 @@ def graph_to_json(g: Any, *, slug: str | None = None, supernodes: Mapping[str, I
     used = {x for link in links for x in (link["source"], link["target"])}
     recs = [r for r in recs if r["node_id"] in used or r["feature_type"] in ("embedding", "logit")]
     ids = {r["node_id"] for r in recs}
-    sn = check_supernodes(supernodes or {}, ids, where="write_graph_json")
+    sn = check_supernodes(supernodes, ids, where="write_graph_json")
     pins = [str(p) for p in pinned]
     if any(p not in ids for p in pins):
         raise UnknownNodeError(f"pinned ids not in the graph: {[p for p in pins if p not in ids][:5]}.")
