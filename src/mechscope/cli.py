@@ -29,6 +29,9 @@
                                   write a fact with ROME (MEMIT: --requests FILE.json); saves the edited model
     mechscope serve --model M --port P [--host 127.0.0.1] [--monitors FILE] [--api-key K]
                                   a local HTTP service: generation with monitors (JSON and SSE), a page at /
+    mechscope graph "PROMPT" --model M --transcoders DIR --out DIR
+                                  attribution graph of one prompt: graph JSON (Neuronpedia / circuit-tracer),
+                                  explorer page and PNG
 """
 
 from __future__ import annotations
@@ -513,6 +516,52 @@ def serve_command(args) -> None:
     serve(args.model, host=args.host, port=args.port, monitors_file=args.monitors, config=cfg, device=args.device,
           log_level=args.log_level)
 # ---------------------------------------------------------------------------- end of mechscope serve
+# ---------------------------------------------------------------------------- mechscope graph (attribution graphs)
+def graph_command(args, out=None) -> dict:
+    """`mechscope graph`: attribute one prompt through transcoders, prune, write DIR/{slug}.json (Neuronpedia /
+    circuit-tracer graph file), DIR/{slug}.html (the explorer), DIR/{slug}_plot.png and DIR/graph-metadata.json."""
+    import torch
+
+    from mechscope.circuits.graphs.files import write_graph_files
+    from mechscope.models.loading import load_model
+    from mechscope.sae import load_transcoders
+    from mechscope.validate import writable_dir
+
+    out = out or sys.stdout
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    writable_dir(args.out, what="graph folder")
+    model = load_model(args.model, device=args.device)
+    ts = load_transcoders(args.transcoders, device=args.device)
+    ts.check_model(model)
+    r = write_graph_files(model, args.prompt, ts, args.out, slug=args.slug, node_threshold=args.node_threshold,
+                          edge_threshold=args.edge_threshold, max_n_logits=args.max_n_logits,
+                          desired_logit_prob=args.desired_logit_prob, batch_size=args.batch_size,
+                          max_feature_nodes=args.max_feature_nodes, device=args.device)
+    scores = "  ".join(f"{k} {v:.3f}" for k, v in r["scores"].items())
+    print(f"graph of {args.prompt!r}: {r['n_active_features']} active features -> {r['n_nodes']} nodes, "
+          f"{r['n_links']} links after pruning ({args.node_threshold} / {args.edge_threshold}); attribution "
+          f"{r['attribution_seconds']:.1f}s  {scores}", file=out)
+    print(f"wrote {args.out}/{r['json']} (graph JSON), {r['html']} (explorer), {r.get('png', '')}", file=out)
+    return r
+
+
+def _add_graph_parser(sub) -> None:
+    g = sub.add_parser("graph", help="attribution graph of one prompt through transcoders (graph JSON + explorer)")
+    g.add_argument("prompt", help='e.g. "The capital of the state containing Dallas is"')
+    g.add_argument("--transcoders", required=True, help="transcoder folder (ours, or circuit-tracer's PLT / CLT)")
+    g.add_argument("--out", required=True, help="folder for {slug}.json / .html / _plot.png and graph-metadata.json")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--slug", default=None, help="file name stem and graph id (default: from the prompt)")
+    g.add_argument("--node-threshold", type=float, default=0.8, help="cumulative node influence kept")
+    g.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge influence kept")
+    g.add_argument("--max-n-logits", type=int, default=10, help="top logits attributed from")
+    g.add_argument("--desired-logit-prob", type=float, default=0.95, help="...until this cumulative probability")
+    g.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
+    g.add_argument("--max-feature-nodes", type=int, default=None, help="keep at most this many features")
+    g.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    g.add_argument("--device", default=None)
+# ---------------------------------------------------------------------------- end of mechscope graph
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -614,6 +663,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_trace_parser(sub)
     _add_edit_parser(sub)
     _add_serve_parser(sub)
+    _add_graph_parser(sub)
     return parser
 
 
@@ -654,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
             edit_command(args)
         elif args.command == "serve":
             serve_command(args)
+        elif args.command == "graph":
+            graph_command(args)
     except MechscopeError as e:
         if debug:
             raise

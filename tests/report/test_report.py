@@ -278,3 +278,29 @@ def test_activations_deleted_after_the_sae_unless_kept(report, tiny_lm_folder, t
     log = capsys.readouterr().out
     assert "[harvest] running" in log and "[sae] cached" in log
     assert (copy / "artifacts" / "harvest" / "store" / "manifest.json").exists()
+
+
+def test_opt_in_graph_section(report, tiny_lm_folder, capsys, tmp_path):
+    """--graph-transcoders adds the attribution-graph stage to a finished report: every other stage stays cached,
+    the page gains the section, the explorer page is written next to it (report/graph_stage.py)."""
+    import shutil
+
+    from mechscope import sae
+
+    _, out, _ = report
+    folder, model = tiny_lm_folder
+    coders = [sae.SparseCoder(sae.SAEConfig(arch="topk", d_in=32, n_latents=48, d_out=32, k=4,
+                                            hook_in=f"blocks.{layer}.ln2.hook_normalized",
+                                            hook_out=f"blocks.{layer}.hook_mlp_out")).init_weights(layer)
+              for layer in range(model.cfg.n_layers)]
+    ts_dir = sae.TranscoderSet.from_coders(coders).save(tmp_path / "ts")
+    copy = tmp_path / "rep"
+    shutil.copytree(out, copy)
+    page = build_report(tiny_cfg(folder, copy, graph_transcoders=str(ts_dir)))
+    log = capsys.readouterr().out
+    for s in STAGES:
+        assert f"[{s}] cached" in log
+    assert "[graph] running" in log
+    html = page.read_text(encoding="utf-8")
+    assert 'id="graph"' in html and "artifacts/graph/graph.html" in html
+    assert (copy / "artifacts" / "graph" / "graph.html").exists() and (copy / "artifacts" / "graph" / "graph.json").exists()

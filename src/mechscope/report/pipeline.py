@@ -13,6 +13,7 @@ Stages (each cached in OUT/artifacts/<stage>/, see report/cache.py), in the orde
     explain      offline explanations, scored by detection on held-out text (balanced accuracy)
     dashboards   HTML dashboards of the most interpretable features (and of the best neurons)
     steering     one feature's decoder direction added while generating, next to the unsteered text
+    graph        opt-in (--graph-transcoders DIR): the attribution graph of one factual prompt (report/graph_stage.py)
 
 The defaults fit a first run in about 15 minutes on 2 CPU cores (SmolLM2-135M); a GPU makes every
 stage faster and lets --tokens and --latents grow (see the README).
@@ -69,6 +70,9 @@ class ReportConfig:
     device: str | None = option(None, help="cpu, cuda, cuda:1, ... (default cpu)")
     keep_activations: bool = option(False, help="keep the harvested activations (artifacts/harvest/store, the "
                                     "bulk of the folder) after the SAE is trained; by default they are deleted")
+    graph_transcoders: str | None = option(None, help="transcoder folder for the model: adds an attribution-graph "
+                                           "section (opt-in; see report/graph_stage.py)")
+    graph_prompt: str = option("The capital of France is", help="the factual prompt of the graph section")
     overwrite: bool = option(False, help="replace a report of another model in --out")
     progress: bool = option(True, help="no progress bars")
 
@@ -83,6 +87,9 @@ class ReportConfig:
         if self.tokens < 8 * self.sae_batch:
             raise InputError(f"--tokens {self.tokens} is too few to train an SAE with batches of {self.sae_batch}; "
                              f"give at least {8 * self.sae_batch}.")
+        if self.graph_transcoders is not None and not Path(self.graph_transcoders).exists():
+            raise InputError(f"--graph-transcoders {self.graph_transcoders!r} does not exist; give the folder of the "
+                             "model's transcoders (or leave it out: the graph section is opt-in).")
         if self.sae_epochs <= 0 or self.tuned_lens_steps < 0:
             raise InputError("sae_epochs must be > 0 and tuned_lens_steps >= 0.")
 
@@ -299,6 +306,12 @@ def build_report(cfg: ReportConfig) -> Path:
     results["steering"] = rf.stage(
         "steering", k_steer, lambda f: _steering(model, coder, hook, results["features"]["sae"],
                                        rf.artifacts / "features" / "sae" / "stats", cfg), log=_log)
+
+    if cfg.graph_transcoders:  # opt-in stage, its own file (report/graph_stage.py)
+        from mechscope.report.graph_stage import graph_stage_key, run_graph_stage
+
+        results["graph"] = rf.stage("graph", graph_stage_key(cfg, model_in),
+                                    lambda f: run_graph_stage(model, f, cfg), log=_log)
 
     results["seconds"] = time.perf_counter() - t_start
     from mechscope.viz.report_page import render_report

@@ -183,6 +183,10 @@ def render_report(results: dict[str, Any], out: str | Path) -> Path:
         ("features", "Features and their explanations", _features(feats)),
         ("steering", "Steering with a feature", _steering(results.get("steering", {"skipped": "not run"}))),
     ]
+    if "graph" in results:  # the opt-in attribution-graph stage
+        from mechscope.viz.graph_plot import graph_report_section
+
+        sections.append(("graph", "Attribution graph", graph_report_section(results["graph"], art / "graph")))
     nav = "<nav>" + "".join(f"<a href='#{i}'>{esc(t)}</a>" for i, t, _ in sections) + "</nav>"
     head = (f"<h1>mechscope report: {esc(card['name'])}</h1>"
             f"<p class='big'>{sae_n} SAE features with detection score &gt; 0.8 (neuron baseline: {neu_n})</p>"
