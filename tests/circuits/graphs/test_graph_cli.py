@@ -39,7 +39,8 @@ def test_graph_cli_writes_json_explorer_png(tiny_transcoders, tmp_path, capsys):
     gf = read_graph_json(out / f"{slug}.json")
     meta = gf.metadata
     assert meta["slug"] == slug and meta["node_threshold"] == 0.7 and meta["prompt"] == "The capital of France is"
-    assert meta["prompt_tokens"] == model.to_str_tokens("The capital of France is")
+    # a text prompt starts with the tokenizer's BOS, as in circuit-tracer (that position gets no nodes)
+    assert meta["prompt_tokens"] == model.to_str_tokens("The capital of France is", prepend_bos=True)
     assert meta["generation_settings"]["max_n_logits"] == 5 and meta["generation_settings"]["batch_size"] == 64
     assert meta["pruning_settings"] == {"node_threshold": 0.7, "edge_threshold": 0.98}
     kinds = [gf.kind(n) for n in gf.nodes]
