@@ -177,7 +177,7 @@ def zoo_command(args) -> None:
 
     if args.zoo_command == "list":
         for name, recipe in zoo.RECIPES.items():
-            print(f"{name:14s} {recipe.description}")
+            print(f"{name:25s} {recipe.description}")
         return
     writable_dir(args.out, what="zoo model folder")
     out = zoo.train(args.name, args.out, seed=args.seed, progress=not args.no_progress)
