@@ -289,7 +289,9 @@ def test_empty_text_source_is_a_typed_error(tiny_lm_folder, tmp_path):
 def test_real_smollm2_report_meets_the_acceptance(tmp_path):
     """README command 1 itself (`mechscope report`, defaults, real SmolLM2-135M): >= 20 SAE features whose
     offline explanation scores > 0.8 detection balanced accuracy, shown on the page next to the neuron
-    baseline's own scores; the page renders in Chromium. ~8 min on 2 CPU cores."""
+    baseline's own scores; the probe sweep finds truth about cities in the middle layers, causal tracing
+    recovers the answer through early MLPs at the last subject token, ROME rewrites the Eiffel Tower's city and is
+    undone; the page renders in Chromium. ~10 min on 2 quiet CPU cores."""
     from tests.browser import chromium_driver, console_errors, file_url
 
     out = tmp_path / "mechscope-report"
@@ -307,8 +309,21 @@ def test_real_smollm2_report_meets_the_acceptance(tmp_path):
     assert res["ioi"]["logit_diff_clean"] > 2.0 > res["ioi"]["logit_diff_corrupted"]
     html = (out / "index.html").read_text()
     assert f"{sae['above_0.8']} SAE features with detection score &gt; 0.8 (neuron baseline: " in html
+    check_acting_sections(res, html, out, n_layers=30, trace_facts=6, layer_step=3, real=True)
+    pr, tr = res["probes"], res["trace"]
+    assert len(pr["layers"]) == 30 and pr["best_auroc"] > 0.9 and 8 <= pr["best_layer"] <= 24  # README: 0.961, L14
+    assert pr["test_auroc"][pr["layers"].index(pr["best_layer"])] > 0.85 and pr["auroc"][0] < 0.7
+    assert tr["n_known"] == 6 and tr["p_clean"] > 0.3 > tr["p_corrupted"]
+    mlp = tr["kinds"]["mlp"]["peak_last_subject"]  # README: MLPs of the first layers, at the last subject token
+    assert mlp["layer"] <= 6 and mlp["effect"] > 0.1
+    seconds = {s: json.loads((out / "artifacts" / s / "stage.json").read_text())["seconds"] for s in STAGES}
+    print("stage seconds:", {s: round(v) for s, v in seconds.items()}, "total", round(res["seconds"]))
     with chromium_driver() as d:
         d.get(file_url(out / "index.html"))
+        for sid in ("probes", "trace", "edit"):
+            imgs = d.find_elements("css selector", f"#{sid} img")
+            assert all(d.execute_script("return arguments[0].naturalWidth", i) > 0 for i in imgs)
+            assert len(imgs) >= {"probes": 1, "trace": 4, "edit": 0}[sid]
         rows = d.find_elements("css selector", "#top-sae tbody tr")
         assert len(rows) >= 20
         scores = [float(r.find_elements("css selector", "td")[-1].text) for r in rows[:20]]
