@@ -112,7 +112,7 @@ def edit_stage(model, folder: Path, *, cov_tokens: int, seed: int) -> dict[str, 
     roles = ["edit prompt", "paraphrase", "neighbour (other subject)"][:len(prompts)]
     with torch.no_grad():
         before = _scores(model, req)
-        gen_before = model.generate(prompts, EDIT_NEW_TOKENS, stop_at_eos=False)
+        gen_before = model.generate(prompts, EDIT_NEW_TOKENS)
     e = edit.rome(model, prompt=req.prompt, subject=req.subject, target=req.target, cov_tokens=cov_tokens,
                   cov_cache_dir=folder / "cov", seed=seed)
     layer = e.layers[0]
@@ -120,7 +120,7 @@ def edit_stage(model, folder: Path, *, cov_tokens: int, seed: int) -> dict[str, 
     try:
         with torch.no_grad():
             after = _scores(model, req)
-            gen_after = model.generate(prompts, EDIT_NEW_TOKENS, stop_at_eos=False)
+            gen_after = model.generate(prompts, EDIT_NEW_TOKENS)
         norm = float(e.deltas[layer].norm())
     finally:
         e.undo()  # later stages (and the user's model) see the original weights
