@@ -215,3 +215,28 @@ def test_key_covariance_is_cached_per_layer(tiny_llama, tmp_path, one_thread):
     assert len(list(tmp_path.glob("cov-*.safetensors"))) == 3
     with pytest.raises(InputError, match="Unknown layer -1"):
         edit.key_covariance(m, -1, cache_dir=tmp_path)
+
+
+def test_cli_edit_nan_during_optimisation_saves_nothing(tiny_gpt2, tmp_path, monkeypatch, capsys, one_thread):
+    """NaN while optimising (as an fp16 overflow would make): `mechscope edit` exits with the typed error and
+    writes no model and no done-marker, so a rerun does not pick up a broken edit."""
+    import mechscope.models.loading as loading
+
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+    _, folder, m = tiny_gpt2
+    _, new = _old_and_new(m)
+    real_load = loading.load_model
+
+    def nan_model(*a, **k):
+        model = real_load(*a, **k)
+        model.add_hook("blocks.1.hook_resid_post", lambda x, hook: x * float("nan"))
+        return model
+
+    monkeypatch.setattr(loading, "load_model", nan_model)
+    out = tmp_path / "edited"
+    argv = ["edit", "--model", str(folder), "--prompt", PROMPT, "--subject", SUBJECT, "--target", new,
+            "--layer", "0", "--cov-tokens", "3000", "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "NonFiniteError" in err or "not changed" in err or "NaN" in err, err
+    assert not (out / "model.safetensors").exists() and not any(out.glob("*.json"))

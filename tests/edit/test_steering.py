@@ -158,6 +158,8 @@ def test_bad_directions_and_architectures():
         edit.directional_ablation(model, torch.zeros(32))
     with pytest.raises(InputError, match="width 32"):
         model(TOKENS, interventions=[Add("blocks.0.hook_resid_post", torch.zeros(5))])
+    with pytest.raises(InputError, match="width 32 .*give a vector of that width"):  # a steering vector, in generate
+        model.generate(TOKENS[:1], 2, interventions=[edit.steer(torch.zeros(5), "blocks.0.hook_resid_post", scale=2.0)])
     torch.manual_seed(0)
     gemma = HookedTransformer.from_hf(tf.Gemma2ForCausalLM(tf.Gemma2Config(
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -16,13 +16,14 @@ from mechscope.report.pipeline import ReportConfig, build_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STAGES = ("model_card", "lens", "heads", "ioi", "harvest", "sae", "features", "steering")
+STAGES = ("model_card", "lens", "heads", "ioi", "harvest", "sae", "features", "steering", "probes", "trace", "edit")
 
 
 def tiny_cfg(folder, out, **kw) -> ReportConfig:
     base = dict(model=str(folder), out=str(out), layer=1, tokens=4096, latents=128, k=4, sae_batch=256,
                 sae_epochs=2.0, feature_tokens=2048, score_tokens=2048, context_len=32, ioi_prompts=4,
-                circuit_edges=60, n_dashboards=12, progress=False)
+                circuit_edges=60, n_dashboards=12, trace_facts=2, trace_layer_step=1, edit_cov_tokens=1000,
+                progress=False)
     base.update(kw)
     return ReportConfig(**base)
 
@@ -39,9 +40,11 @@ def report(tiny_lm_folder, tmp_path_factory):
 def test_page_has_every_section(report):
     page, out, _ = report
     html = page.read_text()
-    for sid in ("card", "lens", "heads", "ioi", "sae", "features", "steering"):
+    for sid in ("card", "lens", "heads", "ioi", "sae", "features", "steering", "probes", "trace", "edit"):
         assert f'<section id="{sid}">' in html
-    assert html.count("data:image/png;base64,") >= 8  # lens, KL curve, 2 head grids, 2 IOI heatmaps, circuit, scores
+    # lens, KL curve, 2 head grids, 2 IOI heatmaps, circuit, scores; probe sweep, 3 average traces + 1 example
+    assert html.count("data:image/png;base64,") >= 13
+    assert "(missing " not in html
     assert not re.search(r"(?:src|href)=[\"'](?:https?:)?//", html)  # self-contained: nothing remote
     res = json.loads((out / "artifacts" / "results.json").read_text())
     assert res["hook"] == "blocks.1.hook_resid_post"
@@ -58,6 +61,37 @@ def test_page_has_every_section(report):
     st = res["steering"]
     assert "skipped" not in st and all(s["text"].startswith(st["prompt"]) for s in st["steered"])
     assert any(s["text"] != st["plain"] for s in st["steered"])  # adding the direction changes the generation
+    check_acting_sections(res, html, out)
+
+
+def check_acting_sections(res, html, out, n_layers=3, trace_facts=2, layer_step=1, real=False):
+    """The probe sweep, causal tracing and ROME sections: results, artifacts and the page (tiny and real model)."""
+    pr = res["probes"]
+    assert pr["dataset"] == "cities" and pr["n_train"] > 50 and pr["n_test"] > 10
+    assert len(pr["auroc"]) == len(pr["test_auroc"]) == len(pr["layers"]) and pr["layers"][-1] == n_layers - 1
+    assert all(0.0 <= v <= 1.0 for v in pr["auroc"] + pr["test_auroc"])
+    assert pr["best_auroc"] == max(pr["auroc"]) and f"Best layer {pr['best_layer']}: cross-validated AUROC" in html
+    assert (out / "artifacts" / "probes" / "sweep.png").exists()
+    assert (out / "artifacts" / "probes" / "probe" / "probe.json").exists()
+    tr = res["trace"]
+    assert tr["n_facts"] == trace_facts and len(tr["facts"]) == trace_facts
+    assert tr["layers"][::-1][0] == n_layers - 1 and tr["layers"][1] - tr["layers"][0] == layer_step
+    assert tr["p_corrupted"] < tr["p_clean"]  # noising the subject removes (part of) the answer
+    for kind in ("resid", "mlp", "attn"):
+        k = tr["kinds"][kind]
+        assert len(k["effects"]) == len(tr["layers"]) and all(len(row) == 6 for row in k["effects"])
+        assert (out / "artifacts" / "trace" / f"average_{kind}.png").exists()
+        assert (out / "artifacts" / "trace" / f"average_{kind}.average.json").exists()
+        assert f"{k['peak']['effect']:.3f} at {k['peak']['position']}, layer {k['peak']['layer']}" in html
+    ed = res["edit"]
+    assert ed["undone_exactly"] and ed["subject"] == "The Eiffel Tower" and ed["target"] == " Rome"
+    assert ed["after"]["efficacy_p_new"] > ed["before"]["efficacy_p_new"]  # the edit moves P(Rome) up
+    if real:  # the random tiny model's P(Rome) is ~1e-5 before and after; SmolLM2 is really edited
+        assert ed["before"]["efficacy"] == 0.0 and ed["after"]["efficacy"] == 1.0
+        assert ed["after"]["efficacy_p_new"] > 0.5 and " Rome" in ed["generations"][0]["after"][len(ed["prompt"]):]
+    assert [g["role"] for g in ed["generations"]][0] == "edit prompt"
+    assert all(g["before"].startswith(g["prompt"]) and g["after"].startswith(g["prompt"]) for g in ed["generations"])
+    assert "restored bit for bit (checked)" in html and "Greedy continuations" in html
 
 
 def test_second_run_is_cached(report, tiny_lm_folder, capsys):
@@ -83,9 +117,34 @@ def test_changed_setting_reruns_only_downstream(report, tiny_lm_folder, capsys, 
     shutil.copytree(out, copy)
     build_report(tiny_cfg(folder, copy, n_dashboards=6))
     log = capsys.readouterr().out
-    for s in ("model_card", "lens", "heads", "ioi", "harvest", "sae"):
+    for s in ("model_card", "lens", "heads", "ioi", "harvest", "sae", "probes", "trace", "edit"):
         assert f"[{s}] cached" in log
     assert "[features] running" in log and "[steering] running" in log
+
+
+def test_new_sections_resize_and_skip(report, tiny_lm_folder, capsys, tmp_path):
+    """--trace-layer-step reruns only the tracing stage; --probe-dataset none, --trace-facts 0 and
+    --edit-cov-tokens 0 skip the three sections, said on the page; bad sizes are typed errors."""
+    import shutil
+
+    _, out, _ = report
+    folder, _ = tiny_lm_folder
+    copy = tmp_path / "rep"
+    shutil.copytree(out, copy)
+    capsys.readouterr()
+    build_report(tiny_cfg(folder, copy, trace_layer_step=2))
+    log = capsys.readouterr().out
+    assert "[trace] running" in log and "[probes] cached" in log and "[edit] cached" in log
+    assert json.loads((copy / "artifacts" / "results.json").read_text())["trace"]["layers"] == [0, 2]
+    page = build_report(tiny_cfg(folder, copy, probe_dataset="none", trace_facts=0, edit_cov_tokens=0))
+    log = capsys.readouterr().out
+    assert "[probes]" not in log and "[trace]" not in log and "[edit]" not in log and "[steering] cached" in log
+    html = page.read_text()
+    for why in ("--probe-dataset none", "--trace-facts 0", "--edit-cov-tokens 0"):
+        assert f"Skipped ({why})." in html
+    for bad in (dict(trace_facts=-1), dict(trace_layer_step=0), dict(edit_cov_tokens=-5)):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            build_report(tiny_cfg(folder, copy, **bad))
 
 
 def test_interrupted_run_resumes(tiny_lm_folder, tmp_path, monkeypatch, capsys):
@@ -230,7 +289,9 @@ def test_empty_text_source_is_a_typed_error(tiny_lm_folder, tmp_path):
 def test_real_smollm2_report_meets_the_acceptance(tmp_path):
     """README command 1 itself (`mechscope report`, defaults, real SmolLM2-135M): >= 20 SAE features whose
     offline explanation scores > 0.8 detection balanced accuracy, shown on the page next to the neuron
-    baseline's own scores; the page renders in Chromium. ~8 min on 2 CPU cores."""
+    baseline's own scores; the probe sweep finds truth about cities in the middle layers, causal tracing
+    recovers the answer through early MLPs at the last subject token, ROME rewrites the Eiffel Tower's city and is
+    undone; the page renders in Chromium. ~10 min on 2 quiet CPU cores."""
     from tests.browser import chromium_driver, console_errors, file_url
 
     out = tmp_path / "mechscope-report"
@@ -248,8 +309,21 @@ def test_real_smollm2_report_meets_the_acceptance(tmp_path):
     assert res["ioi"]["logit_diff_clean"] > 2.0 > res["ioi"]["logit_diff_corrupted"]
     html = (out / "index.html").read_text()
     assert f"{sae['above_0.8']} SAE features with detection score &gt; 0.8 (neuron baseline: " in html
+    check_acting_sections(res, html, out, n_layers=30, trace_facts=6, layer_step=3, real=True)
+    pr, tr = res["probes"], res["trace"]
+    assert len(pr["layers"]) == 30 and pr["best_auroc"] > 0.9 and 8 <= pr["best_layer"] <= 24  # README: 0.961, L14
+    assert pr["test_auroc"][pr["layers"].index(pr["best_layer"])] > 0.85 and pr["auroc"][0] < 0.7
+    assert tr["n_known"] == 6 and tr["p_clean"] > 0.3 > tr["p_corrupted"]
+    mlp = tr["kinds"]["mlp"]["peak_last_subject"]  # README: MLPs of the first layers, at the last subject token
+    assert mlp["layer"] <= 6 and mlp["effect"] > 0.05  # measured: 0.119 at the window around layer 3
+    seconds = {s: json.loads((out / "artifacts" / s / "stage.json").read_text())["seconds"] for s in STAGES}
+    print("stage seconds:", {s: round(v) for s, v in seconds.items()}, "total", round(res["seconds"]))
     with chromium_driver() as d:
         d.get(file_url(out / "index.html"))
+        for sid in ("probes", "trace", "edit"):
+            imgs = d.find_elements("css selector", f"#{sid} img")
+            assert all(d.execute_script("return arguments[0].naturalWidth", i) > 0 for i in imgs)
+            assert len(imgs) >= {"probes": 1, "trace": 4, "edit": 0}[sid]
         rows = d.find_elements("css selector", "#top-sae tbody tr")
         assert len(rows) >= 20
         scores = [float(r.find_elements("css selector", "td")[-1].text) for r in rows[:20]]

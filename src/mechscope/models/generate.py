@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
-from mechscope.errors import ContextLengthError, InputError
+from mechscope.errors import ContextLengthError, InputError, NonFiniteError
 from mechscope.models.components import KVCache
 from mechscope.models.interventions import Intervention
 
@@ -47,6 +47,10 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
+    if bool(torch.isnan(probs).any()):  # torch.multinomial would fail with an untyped RuntimeError
+        raise NonFiniteError("The model's next-token logits are NaN, so no token can be sampled (an fp16 overflow, "
+                             "or a hook or intervention writing NaN). Run in float32 (dtype=torch.float32) or check "
+                             "the hooks and interventions active during generate.")
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -13,6 +13,9 @@ Stages (each cached in OUT/artifacts/<stage>/, see report/cache.py), in the orde
     explain      offline explanations, scored by detection on held-out text (balanced accuracy)
     dashboards   HTML dashboards of the most interpretable features (and of the best neurons)
     steering     one feature's decoder direction added while generating, next to the unsteered text
+    probes       a logistic probe swept over the layers on a built-in true/false set (report/acting.py)
+    trace        causal-tracing heatmaps (resid, MLP, attention) averaged over a few known facts
+    edit         ROME on one fact, before/after table; undone (bit for bit) before the page is written
     graph        opt-in (--graph-transcoders DIR): the attribution graph of one factual prompt (report/graph_stage.py)
 
 The defaults fit a first run in about 15 minutes on 2 CPU cores (SmolLM2-135M); a GPU makes every
@@ -34,6 +37,7 @@ from mechscope.errors import InputError
 from mechscope.fileio import atomic_write_json
 from mechscope.models.loading import load_model
 from mechscope.options import option
+from mechscope.probes.datasets import names as probe_datasets
 from mechscope.report.cache import ReportFolder
 from mechscope.steps import step_key
 
@@ -70,6 +74,14 @@ class ReportConfig:
     device: str | None = option(None, help="cpu, cuda, cuda:1, ... (default cpu)")
     keep_activations: bool = option(False, help="keep the harvested activations (artifacts/harvest/store, the "
                                     "bulk of the folder) after the SAE is trained; by default they are deleted")
+    probe_dataset: str = option("cities", choices=(*probe_datasets(), "none"),
+                                help="built-in labelled set of the probe layer sweep (none = no probe section)")
+    probe_layer_step: int = option(1, help="sweep every k-th layer's resid_post (and the last)")
+    trace_facts: int = option(6, help="known facts causal-traced (resid, MLP, attention; 0 = no tracing section)")
+    trace_samples: int = option(1, help="noise draws per causal trace (the paper: 10)")
+    trace_layer_step: int = option(3, help="trace every k-th layer (and the last)")
+    edit_cov_tokens: int = option(4000, help="corpus tokens for the ROME example's key covariance (0 = no editing "
+                                  "section; `mechscope edit` uses 20k)")
     graph_transcoders: str | None = option(None, help="transcoder folder for the model: adds an attribution-graph "
                                            "section (opt-in; see report/graph_stage.py)")
     graph_prompt: str = option("The capital of France is", help="the factual prompt of the graph section")
@@ -82,6 +94,14 @@ class ReportConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise InputError(f"{name} must be a positive int, got {v!r}.")
+        for name in ("probe_layer_step", "trace_samples", "trace_layer_step"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise InputError(f"{name} must be a positive int, got {v!r}.")
+        for name in ("trace_facts", "edit_cov_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise InputError(f"{name} must be an int >= 0 (0 skips the section), got {v!r}.")
         if self.k > self.latents:
             raise InputError(f"k ({self.k}) must be <= latents ({self.latents}).")
         if self.tokens < 8 * self.sae_batch:
@@ -306,6 +326,7 @@ def build_report(cfg: ReportConfig) -> Path:
     results["steering"] = rf.stage(
         "steering", k_steer, lambda f: _steering(model, coder, hook, results["features"]["sae"],
                                        rf.artifacts / "features" / "sae" / "stats", cfg), log=_log)
+    _acting_stages(model, rf, cfg, base, model_in, results)
 
     if cfg.graph_transcoders:  # opt-in stage, its own file (report/graph_stage.py)
         from mechscope.report.graph_stage import graph_stage_key, run_graph_stage
@@ -351,3 +372,32 @@ def _steering(model, coder, hook: str, features: dict[str, Any], stats_dir: Path
     return {"latent": latent, "score": best["score"], "explanation": best["explanation"], "hook": hook,
             "act_max": act_max, "prompt": STEER_PROMPT, "plain": run(0.0),
             "steered": [{"multiple": m, "scale": m * act_max, "text": run(m * act_max)} for m in STEER_MULTIPLES]}
+
+
+def _acting_stages(model, rf: ReportFolder, cfg: ReportConfig, base: dict[str, Any], model_in: dict[str, Any],
+                   results: dict[str, Any]) -> None:
+    """The probe sweep, causal-tracing and editing stages (report/acting.py); the edit runs last and is undone."""
+    from mechscope.report import acting
+
+    if cfg.probe_dataset == "none":
+        results["probes"] = {"skipped": "--probe-dataset none"}
+    else:
+        k = step_key({"stage": "probes", **base, "dataset": cfg.probe_dataset, "layer_step": cfg.probe_layer_step},
+                     model_in)
+        results["probes"] = rf.stage("probes", k, lambda f: acting.probes_stage(
+            model, f, dataset=cfg.probe_dataset, layer_step=cfg.probe_layer_step, seed=cfg.seed,
+            progress=cfg.progress), log=_log)
+    if cfg.trace_facts == 0:
+        results["trace"] = {"skipped": "--trace-facts 0"}
+    else:
+        k = step_key({"stage": "trace", **base, "facts": cfg.trace_facts, "samples": cfg.trace_samples,
+                      "layer_step": cfg.trace_layer_step}, model_in)
+        results["trace"] = rf.stage("trace", k, lambda f: acting.trace_stage(
+            model, f, n_facts=cfg.trace_facts, samples=cfg.trace_samples, layer_step=cfg.trace_layer_step,
+            seed=cfg.seed, progress=cfg.progress), log=_log)
+    if cfg.edit_cov_tokens == 0:
+        results["edit"] = {"skipped": "--edit-cov-tokens 0"}
+    else:
+        k = step_key({"stage": "edit", **base, "cov_tokens": cfg.edit_cov_tokens}, model_in)
+        results["edit"] = rf.stage("edit", k, lambda f: acting.edit_stage(
+            model, f, cov_tokens=cfg.edit_cov_tokens, seed=cfg.seed), log=_log)

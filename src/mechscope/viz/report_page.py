@@ -21,6 +21,7 @@ from mechscope.viz.html import (
     table,
     write_page,
 )
+from mechscope.viz.report_acting import edit_section, probes_section, trace_section
 
 __all__ = ["render_report", "score_histogram"]
 
@@ -30,6 +31,7 @@ img.fig { max-width: 100%; height: auto; } .big { font-size: 1.6em; font-weight:
 .gen { font-family: monospace; white-space: pre-wrap; background: #f6f6f6; padding: .5em; }
 nav a { margin-right: 1em; }
 """
+NOT_RUN = {"skipped": "not run"}
 
 
 def _img(path: Path, alt: str) -> Markup:
@@ -182,6 +184,10 @@ def render_report(results: dict[str, Any], out: str | Path) -> Path:
         ("sae", "Sparse autoencoder", _sae(results["sae"], results["harvest"], results["hook"])),
         ("features", "Features and their explanations", _features(feats)),
         ("steering", "Steering with a feature", _steering(results.get("steering", {"skipped": "not run"}))),
+        ("probes", "Probes: truth by layer", probes_section(results.get("probes", NOT_RUN), art / "probes")),
+        ("trace", "Causal tracing: where facts are recalled", trace_section(results.get("trace", NOT_RUN),
+                                                                             art / "trace")),
+        ("edit", "Editing a fact (ROME)", edit_section(results.get("edit", NOT_RUN))),
     ]
     if "graph" in results:  # the opt-in attribution-graph stage
         from mechscope.viz.graph_plot import graph_report_section
