@@ -79,23 +79,38 @@ class Norm(nn.Module):
         return self.forward_unhooked_scale(x)
 
     def _explicit(self, x: torch.Tensor) -> torch.Tensor:
-        """hook_scale is hooked: expose the divisor; if a hook replaced it, normalise by the new one."""
-        xf = x.float()
+        """hook_scale is hooked: expose the divisor; if a hook replaced it, normalise by the new one.
+
+        The read-only case (caching every hook) costs one fused norm: LayerNorm's kernel returns the rstd it
+        used, and RMSNorm computes its rsqrt once, so the output is bit-identical to the unhooked path."""
+        w = None if self.w is None else self.w.to(x.dtype)
+        b = None if self.b is None else self.b.to(x.dtype)
         if self.kind == "LN":
-            var, mean = torch.var_mean(xf, dim=-1, keepdim=True, correction=0)
+            y, mean, rstd = torch.native_layer_norm(x, (self.d,), w, b, self.eps)
+            rstd = rstd.float()
         else:
-            var, mean = xf.pow(2).mean(-1, keepdim=True), None
-        scale = (var + self.eps).sqrt()  # [..., 1]: small, so keeping a copy to detect edits is cheap
+            xf = x.float()
+            mean, rstd = None, torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            y = (xf * rstd).to(x.dtype)
+            if w is not None:
+                y = y * w
+            if b is not None:
+                y = y + b
+        if mean is not None and torch.is_grad_enabled() and x.requires_grad:  # a scale gradients flow through
+            scale = (torch.var(x.float(), dim=-1, keepdim=True, correction=0) + self.eps).sqrt()
+        else:
+            scale = rstd.reciprocal()  # [..., 1] small, so keeping a copy to detect edits is cheap
         before = scale.clone()
         new_scale = self.hook_scale(scale)
-        if new_scale is scale and torch.equal(scale, before):  # only read: use the fused fast path
-            return self.forward_unhooked_scale(x)
-        y = xf - mean if mean is not None else xf
+        if new_scale is scale and torch.equal(scale, before):  # only read: y stands
+            return self.hook_normalized(y)
+        xf = x.float()  # the mean again, differentiably (the fused kernel's mean/rstd carry no gradient)
+        y = xf - xf.mean(-1, keepdim=True) if mean is not None else xf
         y = (y / new_scale).to(x.dtype)
-        if self.w is not None:
-            y = y * self.w
-        if self.b is not None:
-            y = y + self.b
+        if w is not None:
+            y = y * w
+        if b is not None:
+            y = y + b
         return self.hook_normalized(y)
 
     def forward_unhooked_scale(self, x: torch.Tensor) -> torch.Tensor:
