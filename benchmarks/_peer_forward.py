@@ -41,20 +41,12 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import timeit_interleaved  # noqa: E402  (stdlib-only at import: safe inside the peer venv)
+from common import rss_mib, timeit_interleaved  # noqa: E402  (stdlib-only at import: safe inside the peer venv)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
-
-
-def rss_mib(key: str = "VmRSS:") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _load_tl(model_dir, tok):
@@ -204,7 +196,7 @@ def main() -> None:
             if hf is not None:
                 row["ratio_forward_vs_hf"] = row["forward_s"] / row["hf_forward_s"]
             res["shapes"][shape] = row
-        res["rss_peak_mib"] = rss_mib("VmHWM:")
+        res["rss_peak_mib"] = rss_mib(peak=True)
 
     print(json.dumps(res), file=real_stdout, flush=True)
 

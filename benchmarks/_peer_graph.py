@@ -25,14 +25,8 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
-
-
-def rss_mib(key: str = "VmRSS:") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import rss_mib  # noqa: E402  (stdlib-only at import: safe inside the peer venv)
 
 
 def main() -> None:
@@ -87,7 +81,7 @@ def main() -> None:
     t0 = time.perf_counter()
     graph = attribute(ids, model, batch_size=a.batch_size)
     dt = time.perf_counter() - t0
-    peak = rss_mib("VmHWM:")
+    peak = rss_mib(peak=True)
     pr = prune_graph(graph, 0.8, 0.98)
     rep, comp = compute_graph_scores(graph)
     os.makedirs(a.out, exist_ok=True)

@@ -325,21 +325,27 @@ def _scale_of(x: torch.Tensor) -> float:
     return math.sqrt(x.shape[1]) / mean_norm if mean_norm > 0 else 1.0
 
 
-@torch.no_grad()
-def _init_from_data(trainers: list[Trainer], src: BatchSource, dev: torch.device) -> None:
-    """Input/output scales and b_dec from the first batches of the data order (deterministic)."""
+def first_rows(src: BatchSource, n_rows: int) -> dict[str, torch.Tensor]:
+    """The first batches of `src`'s data order (deterministic), concatenated until >= n_rows: {key: [N, d]}.
+    What initialisation (input / output scales, b_dec) reads before training starts."""
     rows: dict[str, list[torch.Tensor]] = {}
     n = 0
     for batch in src.batches(0):
         for key, v in batch.items():
             rows.setdefault(key, []).append(v)
         n += next(iter(batch.values())).shape[0]
-        if n >= INIT_SAMPLE_ROWS:
+        if n >= n_rows:
             break
     if n == 0:
         raise InputError("The source served no full batch to start training from: lower the batch size or "
                          "give more data (more --tokens, a longer corpus).")
-    sample = {k: torch.cat(v).to(dev) for k, v in rows.items()}
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+@torch.no_grad()
+def _init_from_data(trainers: list[Trainer], src: BatchSource, dev: torch.device) -> None:
+    """Input/output scales and b_dec from the first batches of the data order (deterministic)."""
+    sample = {k: v.to(dev) for k, v in first_rows(src, INIT_SAMPLE_ROWS).items()}
     for t, (key_in, key_out) in zip(trainers, src.keys, strict=True):
         c, sc = t.cfg, t.coder.cfg
         if c.normalize_input:
@@ -352,6 +358,6 @@ def _init_from_data(trainers: list[Trainer], src: BatchSource, dev: torch.device
         t.coder.b_dec.copy_(b.to(t.coder.b_dec.dtype))
 
 
-__all__ = ["TrainConfig", "Trainer", "StepStats", "Checkpoint", "train", "train_many", "lr_at",
+__all__ = ["TrainConfig", "Trainer", "StepStats", "Checkpoint", "train", "train_many", "first_rows", "lr_at",
            "sparsity_scale_at", "geometric_median", "open_source", "check_coder_fits", "BatchSource",
            "TensorSource", "StoreSource", "StreamSource"]

@@ -262,19 +262,9 @@ def _clt_source(source: Any, ins: list[str], outs: list[str], cfg: TrainConfig) 
 def _init_from_data(clt: CrossLayerTranscoder, src: BatchSource, ins: list[str], outs: list[str],
                     normalize: bool) -> None:
     """Per-layer scales (E‖x‖ = sqrt(d) after scaling) and b_dec = mean scaled output, from the first batches."""
-    from mechscope.sae.train import _scale_of
+    from mechscope.sae.train import _scale_of, first_rows
 
-    rows: dict[str, list[torch.Tensor]] = {}
-    n = 0
-    for batch in src.batches(0):
-        for key, v in batch.items():
-            rows.setdefault(key, []).append(v)
-        n += next(iter(batch.values())).shape[0]
-        if n >= INIT_ROWS:
-            break
-    if n == 0:
-        raise InputError("The source served no full batch to start training from: lower the batch size.")
-    sample = {k: torch.cat(v) for k, v in rows.items()}
+    sample = first_rows(src, INIT_ROWS)
     c = clt.cfg
     if normalize:
         c.input_scales = [_scale_of(sample[h]) for h in ins]
