@@ -204,3 +204,39 @@ def test_cli_serve_options_are_serveconfig():
     assert config_from_args(ServeConfig, args) == ServeConfig(api_key="k", timeout_s=2.5, max_queue=0)
     with pytest.raises(InputError, match="max_new_tokens"):
         ServeConfig(max_new_tokens=0)
+
+
+def test_graph_explorer_is_served_and_saves_back(model, tmp_path):
+    """--graphs DIR: /graph lists the graphs, /graph/{name} is the explorer page, POST saves pins / supernodes
+    (API key checked), and unknown names, other graphs and a server without --graphs get a 4xx with detail."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).parents[1] / "circuits" / "graphs" / "fixtures" / "circuit_tracer_graph.json"
+    shutil.copy(src, tmp_path / "g1.json")
+    c = client(model, fake_generate(), graphs=str(tmp_path), api_key="k")
+    assert c.get("/graph").json() == {"graphs": ["g1"]}
+    page = c.get("/graph/g1")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert 'src="http' not in page.text and 'href="http' not in page.text  # inline assets only
+    doc = json.loads(src.read_text())
+    ids = [n["node_id"] for n in doc["nodes"]][:2]
+    doc["qParams"]["supernodes"] = [["my group", *ids]]
+    body = json.dumps(doc)
+    assert c.post("/graph/g1", content=body, headers={"Content-Type": "application/json"}).status_code == 401
+    r = c.post("/graph/g1", content=body, headers={"Content-Type": "application/json", "X-API-Key": "k"})
+    assert r.status_code == 204, r.text
+    assert json.loads((tmp_path / "g1.json").read_text())["qParams"]["supernodes"] == [["my group", *ids]]
+    doc["nodes"] = doc["nodes"][1:]  # another graph: refused, the file keeps its content
+    r = c.post("/graph/g1", content=json.dumps(doc), headers={"Content-Type": "application/json", "X-API-Key": "k"})
+    assert r.status_code == 422 and "detail" in r.json()
+    for bad in ("nope", "..%2Fetc"):
+        r = c.get(f"/graph/{bad}")
+        assert 400 <= r.status_code < 500 and "detail" in r.json()
+    r = client(model, fake_generate()).get("/graph/g1")
+    assert r.status_code == 404 and "--graphs" in r.json()["detail"]
+    with pytest.raises(InputError, match="--graphs"):
+        from mechscope.serve import ServeConfig
+
+        ServeConfig(graphs=str(tmp_path / "missing"))

@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -311,6 +311,52 @@ def create_app(model, monitors: Sequence = (), config: ServeConfig | None = None
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse(PAGE)
+
+    # ------------------------------------------------------------------ attribution-graph explorer (--graphs DIR)
+    def graph_file(name: str):
+        from mechscope.circuits.graphs import UnknownGraphError, graph_path
+
+        if cfg.graphs is None:
+            raise ApiError(404, "This server serves no graphs: start it with --graphs DIR (the --out folder of "
+                                "`mechscope graph`).")
+        try:
+            return graph_path(cfg.graphs, name)
+        except UnknownGraphError as e:
+            raise ApiError(404, str(e)) from None
+
+    @app.get("/graph", include_in_schema=False)
+    async def list_graphs():
+        if cfg.graphs is None:
+            graph_file("")  # the 404 that says how to serve graphs
+        from pathlib import Path
+
+        return {"graphs": sorted(p.stem for p in Path(cfg.graphs).glob("*.json")
+                                 if not p.name.endswith(".details.json") and p.name != "graph-metadata.json")}
+
+    @app.get("/graph/{name}", response_class=HTMLResponse, include_in_schema=False)
+    async def graph_page(name: str):
+        from mechscope.circuits.graphs import served_explorer
+
+        graph_file(name)
+        try:
+            html = await asyncio.to_thread(served_explorer, cfg.graphs, name, save_url=f"/graph/{name}")
+        except MechscopeError as e:  # a corrupt or foreign graph file
+            raise ApiError(422, f"Graph {name!r} cannot be shown: {e}") from None
+        return HTMLResponse(html)
+
+    @app.post("/graph/{name}", status_code=204, include_in_schema=False)
+    async def save_graph(name: str, request: Request):
+        """The explorer saves pins and supernodes back (API-key protected, like every mutation)."""
+        from mechscope.circuits.graphs import save_posted_graph
+
+        check_key(request)
+        path = graph_file(name)
+        body = await request.body()
+        try:
+            await asyncio.to_thread(save_posted_graph, body, path)
+        except MechscopeError as e:
+            raise ApiError(422, f"Not saved: {e}") from None
+        return Response(status_code=204)
 
     return app
 

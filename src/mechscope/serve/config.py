@@ -23,6 +23,8 @@ class ServeConfig:
     max_prompt_tokens: int = option(512, help="longer prompts get 422")
     max_new_tokens: int = option(256, help="the most a request may ask for (also bounded by the model's context)")
     max_body_bytes: int = option(1 << 20, help="larger request bodies get 413")
+    graphs: str | None = option(None, help="folder of graph files written by `mechscope graph`: each served as an "
+                                           "explorer page at /graph/{name} (pins and supernodes saved back by POST)")
 
     def __post_init__(self) -> None:
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
@@ -33,3 +35,10 @@ class ServeConfig:
         self.timeout_s = finite_float("timeout_s", self.timeout_s, positive=True, flag="--timeout")
         for name in ("max_prompt_tokens", "max_new_tokens", "max_body_bytes"):
             setattr(self, name, positive_int(name, getattr(self, name), flag="--" + name.replace("_", "-")))
+        if self.graphs is not None:
+            from pathlib import Path
+
+            from mechscope.errors import InputError
+
+            if not Path(self.graphs).is_dir():
+                raise InputError(f"--graphs {self.graphs!r} is not a folder; give the --out folder of `mechscope graph`.")
