@@ -91,3 +91,17 @@ def visible_rows(driver, css: str) -> int:
         "return Array.prototype.filter.call(document.querySelectorAll(arguments[0]),"
         " function (e) { return e.offsetParent !== null && getComputedStyle(e).display !== 'none'; }).length;",
         css))
+
+
+def wait_for_text(driver, text: str, timeout: float = 30.0) -> str:
+    """The page's source once it contains `text` (case-insensitive), polling: on a loaded machine a navigation
+    can report done while the new document is still empty. Returns the last source seen (the assertion is
+    the caller's)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        src = driver.page_source or ""
+        if text.lower() in src.lower() or time.monotonic() > deadline:
+            return src
+        time.sleep(0.2)

@@ -229,7 +229,7 @@ def test_cli_reports_typed_errors(tiny_lm_folder, tmp_path, capsys):
 
 
 def test_report_in_headless_chromium(report):
-    from tests.browser import chromium_driver, console_errors, file_url, visible_rows
+    from tests.browser import chromium_driver, console_errors, file_url, visible_rows, wait_for_text
 
     page, out, _ = report
     with chromium_driver() as d:
@@ -245,7 +245,7 @@ def test_report_in_headless_chromium(report):
         link = d.find_element("css selector", "#top-sae tbody tr a")
         href = link.get_attribute("href")
         d.get(href)
-        assert "latent" in d.page_source.lower()
+        assert "latent" in wait_for_text(d, "latent").lower()
         assert console_errors(d) == []
 
 
