@@ -83,20 +83,16 @@ class Norm(nn.Module):
 
         The read-only case (caching every hook) costs one fused norm: LayerNorm's kernel returns the rstd it
         used, and RMSNorm computes its rsqrt once, so the output is bit-identical to the unhooked path."""
+        ln = self.kind == "LN"
         w = None if self.w is None else self.w.to(x.dtype)
         b = None if self.b is None else self.b.to(x.dtype)
-        if self.kind == "LN":
-            y, mean, rstd = torch.native_layer_norm(x, (self.d,), w, b, self.eps)
+        if ln:
+            y, _, rstd = torch.native_layer_norm(x, (self.d,), w, b, self.eps)
             rstd = rstd.float()
         else:
-            xf = x.float()
-            mean, rstd = None, torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            y = (xf * rstd).to(x.dtype)
-            if w is not None:
-                y = y * w
-            if b is not None:
-                y = y + b
-        if mean is not None and torch.is_grad_enabled() and x.requires_grad:  # a scale gradients flow through
+            rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            y = self._affine((x.float() * rstd).to(x.dtype), w, b)
+        if ln and torch.is_grad_enabled() and x.requires_grad:  # a scale gradients flow through
             scale = (torch.var(x.float(), dim=-1, keepdim=True, correction=0) + self.eps).sqrt()
         else:
             scale = rstd.reciprocal()  # [..., 1] small, so keeping a copy to detect edits is cheap
@@ -105,13 +101,14 @@ class Norm(nn.Module):
         if new_scale is scale and torch.equal(scale, before):  # only read: y stands
             return self.hook_normalized(y)
         xf = x.float()  # the mean again, differentiably (the fused kernel's mean/rstd carry no gradient)
-        y = xf - xf.mean(-1, keepdim=True) if mean is not None else xf
-        y = (y / new_scale).to(x.dtype)
+        y = xf - xf.mean(-1, keepdim=True) if ln else xf
+        return self.hook_normalized(self._affine((y / new_scale).to(x.dtype), w, b))
+
+    @staticmethod
+    def _affine(y: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
         if w is not None:
             y = y * w
-        if b is not None:
-            y = y + b
-        return self.hook_normalized(y)
+        return y if b is None else y + b
 
     def forward_unhooked_scale(self, x: torch.Tensor) -> torch.Tensor:
         return self.hook_normalized(self.normalize(x))
@@ -127,12 +124,7 @@ class Norm(nn.Module):
         if self.kind == "LN":
             return F.layer_norm(x, (self.d,), w, b, self.eps)
         xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        if w is not None:
-            y = y * w
-        if b is not None:
-            y = y + b
-        return y
+        return self._affine((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype), w, b)
 
 
 # --------------------------------------------------------------------------- rotary
