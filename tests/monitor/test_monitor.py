@@ -123,6 +123,29 @@ def test_window_and_hysteresis(gpt2):
     assert res.trace[1].actions == ["alert:plain"] and res.stopped_by is None
 
 
+def test_prompt_scope_fires_only_on_the_prompts_last_token(gpt2, tmp_path):
+    """scope="prompt" is a gate on the request: scored and traced at every step, able to fire only at step 0."""
+    T = gpt2.to_tokens(PROMPT).shape[1]
+    late = at_position(gpt2, {T - 1 + 2: 5.0, T - 1 + 4: 5.0})  # fires at steps 2 and 4 only
+    early = at_position(gpt2, {T - 1: 5.0})  # fires at step 0 only
+    ms = [monitor.FunctionMonitor("late", HOOK, late, threshold=1.0, action="stop", scope="prompt"),
+          monitor.FunctionMonitor("late_all", HOOK, late, threshold=1.0, action="alert")]
+    res = gpt2.generate(PROMPT, 6, monitors=ms, stop_at_eos=False)
+    assert res.stopped_by is None and len(res.token_ids) == 6  # the gate never fired after the prompt
+    assert [t.scores["late"] for t in res.trace] == [0, 0, 5, 0, 5, 0]  # but it was scored at every step
+    assert not any(t.fired["late"] for t in res.trace)
+    assert [i for i, t in enumerate(res.trace) if t.fired["late_all"]] == [2, 4]
+    gate = monitor.FunctionMonitor("gate", HOOK, early, threshold=1.0, action="stop", scope="prompt")
+    res = gpt2.generate(PROMPT, 6, monitors=[gate], stop_at_eos=False)
+    assert res.stopped_by == "gate" and res.token_ids == [] and res.trace[0].actions == ["stop:gate"]
+    d = monitor.DirectionMonitor("d", HOOK, torch.ones(64), threshold=0.5, scope="prompt", action="stop")
+    assert d.describe()["scope"] == "prompt"
+    back = monitor.load_monitors(monitor.save_monitors(tmp_path / "m", [d], model=gpt2), gpt2)
+    assert back[0].scope == "prompt"
+    with pytest.raises(InputError, match="scope must be one of all, prompt"):
+        monitor.DirectionMonitor("d", HOOK, torch.ones(64), threshold=0.5, scope="first")
+
+
 def test_steer_acts_from_the_next_token_on(gpt2):
     T = gpt2.to_tokens(PROMPT).shape[1]
     k = 2  # fires at step 2, reading position T - 1 + 2; steering starts at the next token's position

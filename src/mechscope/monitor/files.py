@@ -193,7 +193,7 @@ def _from_json(spec: dict[str, Any], model, folder: Path, tensors: dict[str, tor
 
     kind, name, hook = spec["kind"], spec["name"], spec["hook"]
     common: dict[str, Any] = {"window": spec.get("window", 1), "hysteresis": spec.get("hysteresis", 0.0),
-                              "action": spec.get("action", "record")}
+                              "action": spec.get("action", "record"), "scope": spec.get("scope", "all")}
     if spec.get("steer"):
         steer = spec["steer"]
         common["steer"] = [_steer_from_json(d, folder, model) for d in (steer if isinstance(steer, list) else [steer])]

@@ -26,6 +26,7 @@ from mechscope.models.interventions import Intervention, check_interventions
 
 ACTIONS = ("record", "alert", "stop", "steer")
 REDUCES = ("max", "sum", "mean")
+SCOPES = ("all", "prompt")
 
 
 def check_number(value: Any, what: str, *, minimum: float | None = None) -> float:
@@ -45,13 +46,16 @@ class Monitor:
     at or below threshold - hysteresis (so a score hovering at the threshold fires once, not every token).
     action: "record" (trace only), "alert" (an Alert + on_alert(alert)), "stop" (the token predicted at this
     step is never emitted; generation ends), "steer" (the `steer` interventions act from the next token on).
+    scope: "all" (every step may fire) or "prompt" (only step 0, the prompt's last token, before any token is
+    generated: a gate on the request; later steps are still scored and traced but never fire). Why a scope: a
+    probe fitted on prompts reads generated text on another scale, so one threshold cannot serve both.
     """
 
     kind = "monitor"
 
     def __init__(self, name: str, hook: str, threshold: float, *, window: int = 1, hysteresis: float = 0.0,
                  action: str = "record", steer: Intervention | Sequence[Intervention] | None = None,
-                 on_alert: Callable[[Any], Any] | None = None) -> None:
+                 on_alert: Callable[[Any], Any] | None = None, scope: str = "all") -> None:
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"A monitor needs a non-empty name (str), got {name!r}.")
         if not isinstance(hook, str) or not hook:
@@ -74,6 +78,10 @@ class Monitor:
         if on_alert is not None and not callable(on_alert):
             raise InputError(f"Monitor {name!r}: on_alert must be callable(Alert), got {type(on_alert).__name__}.")
         self.on_alert = on_alert
+        if scope not in SCOPES:
+            raise InputError(f"Monitor {name!r}: scope must be one of {', '.join(SCOPES)} (\"prompt\": fire only on "
+                             f"the prompt's last token), got {scope!r}.")
+        self.scope = scope
 
     # -- what subclasses implement ---------------------------------------------------------------------------
     def score(self, act: torch.Tensor) -> torch.Tensor:
@@ -91,7 +99,7 @@ class Monitor:
     def describe(self) -> dict[str, Any]:
         """The JSON-ready common fields (what the service lists)."""
         return {"name": self.name, "kind": self.kind, "hook": self.hook, "threshold": self.threshold,
-                "window": self.window, "hysteresis": self.hysteresis, "action": self.action}
+                "window": self.window, "hysteresis": self.hysteresis, "action": self.action, "scope": self.scope}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r} on {self.hook}, threshold={self.threshold}, "
@@ -282,5 +290,5 @@ def check_monitors(monitors: Any) -> list[Monitor]:
     return items
 
 
-__all__ = ["ACTIONS", "DirectionMonitor", "FeatureMonitor", "FunctionMonitor", "Monitor", "ProbeMonitor",
+__all__ = ["ACTIONS", "SCOPES", "DirectionMonitor", "FeatureMonitor", "FunctionMonitor", "Monitor", "ProbeMonitor",
            "check_monitors", "check_number"]

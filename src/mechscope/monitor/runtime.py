@@ -116,6 +116,9 @@ class MonitorRun:
             win.append(r)
             score = sum(win) / len(win)
             fired = False
+            if m.scope == "prompt" and step > 0:  # a prompt gate: traced, never fires after step 0
+                t.scores[m.name], t.fired[m.name] = score, False
+                continue
             if self.armed[m.name][b] and score > m.threshold:
                 fired, self.armed[m.name][b] = True, False
             elif not self.armed[m.name][b] and score <= m.threshold - m.hysteresis:

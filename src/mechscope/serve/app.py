@@ -414,7 +414,7 @@ def _build_monitors(req: AddMonitorRequest, model) -> list:
         raise ApiError(422, "direction: is all zeros; a direction needs a non-zero norm.")
     try:
         m = monitor.DirectionMonitor(req.name, req.hook, direction, threshold=req.threshold, window=req.window,
-                                     hysteresis=req.hysteresis, action=req.action)
+                                     hysteresis=req.hysteresis, action=req.action, scope=req.scope)
         m.check(model)  # an unknown hook fails here, not in every later generation
         return [m]
     except (MechscopeError, KeyError, ValueError, TypeError) as e:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from mechscope.serve.schemas import AlertOut, MonitorInfo, TokenOut
 
-COMMON = ("name", "kind", "hook", "threshold", "action", "window", "hysteresis")
+COMMON = ("name", "kind", "hook", "threshold", "action", "window", "hysteresis", "scope")
 
 
 class UnknownMonitorError(LookupError):
@@ -45,6 +45,7 @@ def describe(m) -> MonitorInfo:
                        action=d.get("action", getattr(m, "action", None)),
                        window=int(window) if isinstance(window, int) else None,
                        hysteresis=finite(d.get("hysteresis", getattr(m, "hysteresis", None))),
+                       scope=d.get("scope", getattr(m, "scope", None)),
                        details=json.loads(json.dumps({k: v for k, v in d.items() if k not in COMMON}, default=str)))
 
 

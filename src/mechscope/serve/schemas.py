@@ -48,6 +48,7 @@ class AddMonitorRequest(_Strict):
     window: int = Field(1, ge=1, le=4096)
     hysteresis: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     action: Literal["record", "alert", "stop"] = "alert"
+    scope: Literal["all", "prompt"] = Field("all", description='"prompt": fire only on the prompt\'s last token')
     replace: bool = Field(False, description="replace loaded monitors of the same name (else 409)")
 
 
@@ -61,6 +62,7 @@ class MonitorInfo(BaseModel):
     action: str | None = None
     window: int | None = None
     hysteresis: float | None = None
+    scope: str | None = None
     details: dict = Field({}, description="the kind's own fields (latents, reduce, probe / SAE source ...)")
 
 
