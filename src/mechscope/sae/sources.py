@@ -135,6 +135,10 @@ class StoreSource(BatchSource):
                 f"seed {c.seed}, context_len {c.context_len})")
 
 
+STREAM_BUFFER_ROWS = 65536  # rows mixed before serving (a context's rows spread over many batches)
+STREAM_BUFFER_BYTES = 2 << 30  # ... but at most this much float32 across all hooks
+
+
 class StreamSource(BatchSource):
     """Activations computed on the fly by `stream_batches` (no disk); resuming regenerates and skips
     the batches already consumed (same model, text and seed give the same batches)."""
@@ -156,6 +160,10 @@ class StreamSource(BatchSource):
         probe = torch.zeros(1, 2, dtype=torch.long, device=model.device)
         _, cache = model.run_with_cache(probe, names_filter=list(hooks), return_type=None)
         self.widths = {h: math.prod(cache[h].shape[2:]) for h in hooks}
+        # the mixing buffer holds rows of every hook at once (and is permuted into a copy): bound it in bytes,
+        # so 60 hooks of a 30-layer model do not need 65k x 60 x d floats twice over
+        row_bytes = 4 * sum(self.widths.values())
+        self.buffer_rows = int(min(STREAM_BUFFER_ROWS, max(2 * batch_size, STREAM_BUFFER_BYTES // row_bytes)))
         self.model_identity = model_identity(model)
         self.model_name = model.cfg.model_name
 
@@ -163,7 +171,7 @@ class StreamSource(BatchSource):
         from mechscope.data.stream import stream_batches
 
         it = stream_batches(self.model, self.harvest_cfg, self.batch_size, contexts=self.contexts,
-                            seed=self.seed, dtype=torch.float32)
+                            seed=self.seed, dtype=torch.float32, buffer_tokens=self.buffer_rows)
         for b in itertools.islice(it, start, None):
             b = b if isinstance(b, dict) else {self.hooks[0]: b}
             if not one_pass and b[self.hooks[0]].shape[0] < self.batch_size:

@@ -46,6 +46,7 @@ from mechscope.sae.trainer import StepStats, Trainer, geometric_median
 from mechscope.training import Checkpoint, Progress, Saved, restore_rng, train_loop
 
 LOG_KEYS = ("step", "loss", "fve", "l0", "dead_fraction", "lr")  # coder.cfg.extra["train_log"]
+INIT_SAMPLE_BYTES = 1 << 30  # ... at most this much across all hooks (a 30-layer transcoder set has 60)
 INIT_SAMPLE_ROWS = 16384  # rows (first batches) for the b_dec init and, without store stats, the scale
 
 
@@ -334,7 +335,8 @@ def first_rows(src: BatchSource, n_rows: int) -> dict[str, torch.Tensor]:
         for key, v in batch.items():
             rows.setdefault(key, []).append(v)
         n += next(iter(batch.values())).shape[0]
-        if n >= n_rows:
+        row_bytes = sum(v.element_size() * v[0].numel() for v in batch.values())
+        if n >= min(n_rows, max(1, INIT_SAMPLE_BYTES // row_bytes)):  # many hooks: fewer rows, bounded memory
             break
     if n == 0:
         raise InputError("The source served no full batch to start training from: lower the batch size or "
