@@ -540,16 +540,22 @@ def graph_command(args, out=None) -> dict:
     r = write_graph_files(model, args.prompt, ts, args.out, slug=args.slug, node_threshold=args.node_threshold,
                           edge_threshold=args.edge_threshold, max_n_logits=args.max_n_logits,
                           desired_logit_prob=args.desired_logit_prob, batch_size=args.batch_size,
-                          max_feature_nodes=args.max_feature_nodes, device=args.device)
+                          max_feature_nodes=args.max_feature_nodes, stats_tokens=args.stats_tokens,
+                          stats_corpus=args.stats_corpus, device=args.device)
     scores = "  ".join(f"{k} {v:.3f}" for k, v in r["scores"].items())
     print(f"graph of {args.prompt!r}: {r['n_active_features']} active features -> {r['n_nodes']} nodes, "
           f"{r['n_links']} links after pruning ({args.node_threshold} / {args.edge_threshold}); attribution "
           f"{r['attribution_seconds']:.1f}s  {scores}", file=out)
+    if r["stats_tokens"]:
+        print(f"top activating contexts of the graph's features from {r['stats_tokens']} tokens of "
+              f"{args.stats_corpus!r} ({r['stats_seconds']:.1f}s)", file=out)
     print(f"wrote {args.out}/{r['json']} (graph JSON), {r['html']} (explorer), {r.get('png', '')}", file=out)
     return r
 
 
 def _add_graph_parser(sub) -> None:
+    from mechscope.circuits.graphs.files import STATS_CORPUS, STATS_TOKENS
+
     g = sub.add_parser("graph", help="attribution graph of one prompt through transcoders (graph JSON + explorer)")
     g.add_argument("prompt", help='e.g. "The capital of the state containing Dallas is"')
     g.add_argument("--transcoders", required=True, help="transcoder folder (ours, or circuit-tracer's PLT / CLT)")
@@ -562,6 +568,9 @@ def _add_graph_parser(sub) -> None:
     g.add_argument("--desired-logit-prob", type=float, default=0.95, help="...until this cumulative probability")
     g.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
     g.add_argument("--max-feature-nodes", type=int, default=None, help="keep at most this many features")
+    g.add_argument("--stats-tokens", type=int, default=STATS_TOKENS,
+                   help="corpus tokens for the top activating contexts shown on hover (0: skip)")
+    g.add_argument("--stats-corpus", default=STATS_CORPUS, help="corpus name or file for those contexts")
     g.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     g.add_argument("--device", default=None)
 # ---------------------------------------------------------------------------- end of mechscope graph

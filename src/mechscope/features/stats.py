@@ -219,6 +219,22 @@ class _State:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self.NAMES}
 
+    def result(self, features: torch.Tensor, *, logits: tuple = (None, None, None, None),
+               meta: dict[str, Any] | None = None) -> FeatureStats:
+        """The accumulators as a FeatureStats for the latents `features` [F]; logits: (top ids, top values,
+        bottom ids, bottom values) or Nones."""
+        G = (self.F, self.bins, self.m)
+        lt, ltv, lb, lbv = logits
+        return FeatureStats(
+            features=features, n_tokens=self.n_tokens, n_contexts=self.consumed, count=self.count,
+            act_sum=self.act_sum, act_max=self.act_max, hist=self.hist, hist_edges=_edges(self.bins),
+            top_values=self.top_values, top_context=self.top_context, top_pos=self.top_pos,
+            top_tokens=self.top_tokens.long(), top_acts=self.top_acts, sample_values=self.s_values.view(G),
+            sample_context=self.s_context.view(G), sample_pos=self.s_pos.view(G),
+            sample_tokens=self.s_tokens.view(*G, -1), logit_top_ids=lt, logit_top_values=ltv, logit_bottom_ids=lb,
+            logit_bottom_values=lbv, meta=dict(meta or {}) | {"hist_range": [HIST_LO, HIST_HI],
+                                                               "sample_window": list(self.window)})
+
     def update(self, acts: torch.Tensor, tokens: torch.Tensor, first_ctx: int, seed: int) -> None:
         """acts [B, T, F] of contexts first_ctx .. first_ctx + B - 1, whose tokens are tokens [B, T]."""
         B, T, F = acts.shape
@@ -452,15 +468,8 @@ def feature_stats(
         logit_note = None
     except InputError as e:  # e.g. a transcoder writing an MLP hidden layer: everything else still holds
         logit_note = str(e)
-    G = (F, hist_bins, n_quantiles)
-    res = FeatureStats(
-        features=torch.arange(F) if feats is None else feats.clone(), n_tokens=st.n_tokens, n_contexts=st.consumed,
-        count=st.count, act_sum=st.act_sum, act_max=st.act_max, hist=st.hist, hist_edges=_edges(hist_bins),
-        top_values=st.top_values, top_context=st.top_context, top_pos=st.top_pos, top_tokens=st.top_tokens.long(),
-        top_acts=st.top_acts, sample_values=st.s_values.view(G), sample_context=st.s_context.view(G),
-        sample_pos=st.s_pos.view(G), sample_tokens=st.s_tokens.view(*G, -1), logit_top_ids=lt, logit_top_values=ltv, logit_bottom_ids=lb,
-        logit_bottom_values=lbv, meta={"settings": ident, "model_name": model.cfg.model_name, "logit_effects_note": logit_note,
-                                       "hist_range": [HIST_LO, HIST_HI], "sample_window": list(sample_window)})
+    res = st.result(torch.arange(F) if feats is None else feats.clone(), logits=(lt, ltv, lb, lbv),
+                    meta={"settings": ident, "model_name": model.cfg.model_name, "logit_effects_note": logit_note})
     if folder is not None:
         res.save(folder)
         for f in (CKPT_FILE, CKPT_META):

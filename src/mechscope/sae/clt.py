@@ -243,6 +243,36 @@ class CrossLayerTranscoder(nn.Module):
         return loss, raw, acts, pres, {k: v.detach() for k, v in parts.items()} | {
             "fvu_per_layer": torch.stack(fvus).detach()}
 
+    def auxk_loss(self, pres: list[torch.Tensor], residuals: list[torch.Tensor], dead: torch.Tensor,
+                  k_aux: int) -> torch.Tensor:
+        """AuxK (Gao et al. 2024) for a CLT: per token, each layer's top-k_aux DEAD features (by pre-activation)
+        decode through their cross-layer decoders, and together must explain every output layer's residual error.
+
+        pres: L x [B, n] pre-activations (training units, as `loss` returns them); residuals: L x [B, d_out],
+        y - ŷ in the scaled (training) units, detached; dead [L, n] bool. Returns the mean over the output layers
+        the dead features reach of ‖e_m - ê_m‖² / ‖e_m - ē_m‖² (the recon loss's per-layer FVU), times
+        min(n_dead / (L k_aux), 1) so a handful of dead features is not over-weighted (the SAE rule, per layer).
+        Why: a dead feature gets no gradient from the main loss; this one pulls it towards what is unexplained."""
+        L, d = self.cfg.n_layers, self.cfg.out_dim
+        n_dead = dead.sum(1).tolist()  # [L] (one sync)
+        total = sum(n_dead)
+        if total == 0:
+            return pres[0].new_zeros(())
+        e_hat: list[torch.Tensor | None] = [None] * L
+        for s in range(L):  # over layers (not tokens or features)
+            if n_dead[s] == 0:
+                continue
+            masked = torch.where(dead[s], pres[s], torch.full_like(pres[s], -torch.inf))  # [B, n]
+            vals, idx = masked.topk(min(k_aux, n_dead[s]), dim=-1, sorted=False)  # [B, k]
+            w = self.W_dec[s].flatten(1)  # [n, (L - s) d]
+            y = F.embedding_bag(idx, w, per_sample_weights=F.relu(vals).to(w.dtype), mode="sum")  # [B, (L - s) d]
+            y = y.unflatten(-1, (L - s, d))  # [B, L - s, d]
+            for j in range(L - s):
+                e_hat[s + j] = y[:, j] if e_hat[s + j] is None else e_hat[s + j] + y[:, j]
+        terms = [(eh - r).pow(2).sum() / (r - r.mean(0)).pow(2).sum().clamp_min(1e-12)
+                 for eh, r in zip(e_hat, residuals, strict=True) if eh is not None]
+        return min(total / (L * k_aux), 1.0) * torch.stack(terms).mean()
+
     # ------------------------------------------------------------------ files (our own; circuit-tracer's in sae.io)
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor (W_dec.{s} for the per-source decoders)."""

@@ -38,7 +38,7 @@ from mechscope.training import (
 )
 
 KINDS = ("plt", "skip", "clt")
-LOG_KEYS = ("step", "loss", "fve", "l0", "dead_fraction", "lr")
+LOG_KEYS = ("step", "loss", "fve", "l0", "dead_fraction", "lr", "auxk_loss")
 INIT_ROWS = 8192  # rows of the first batches used for the scales and b_dec
 
 
@@ -201,7 +201,13 @@ def train_clt(source: Any, input_hooks: list[str], output_hooks: list[str], cfg:
         ys = [batch[h].to(dev) for h in output_hooks]  # L x [B, d_out]
         for group in run.opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss, outs, acts, _, parts = clt.loss(xs, ys, sparsity_scale=sparsity_scale_at(step, cfg))
+        loss, outs, acts, pres, parts = clt.loss(xs, ys, sparsity_scale=sparsity_scale_at(step, cfg))
+        aux = None
+        if cfg.auxk:  # features silent for dead_window_tokens (before this step) explain the residual errors
+            dead = run.tokens_since_fired >= int(cfg.dead_window_tokens)  # type: ignore[arg-type]  # [L, n]
+            res = [((y.to(o.dtype) - o) * clt.output_scale(m)).detach() for m, (y, o) in enumerate(zip(ys, outs))]
+            aux = clt.auxk_loss(pres, res, dead, int(cfg.k_aux))  # type: ignore[arg-type]
+            loss = loss + cfg.auxk_coeff * aux
         if not bool(torch.isfinite(loss)):
             raise NonFiniteError(f"CLT training hit a non-finite loss at step {step}; lower lr "
                                  f"(now {lr_at(step, cfg):.2e}) or check the activations.")
@@ -221,6 +227,7 @@ def train_clt(source: Any, input_hooks: list[str], output_hooks: list[str], cfg:
                 log["l0"].append(float(torch.stack([(a != 0).sum(-1).double().mean() for a in acts]).mean()))
                 log["dead_fraction"].append(run.dead_fraction())
                 log["lr"].append(lr_at(step, cfg))
+                log.setdefault("auxk_loss", []).append(0.0 if aux is None else float(aux.detach()))
         return float(loss.detach())
 
     def postfix(log: dict[str, list[float]]) -> dict[str, str] | None:

@@ -131,7 +131,11 @@ def test_explorer_in_chromium(graph_file, tmp_path):
     from selenium.webdriver.common.by import By
 
     gf = read_graph_json(graph_file)
-    page = write_explorer(graph_file, tmp_path / "graph.html", title="Explorer check")
+    # feature details as `mechscope graph` inlines them: logit effects and top activating contexts (<b> stays text)
+    details = {"1_2_2": {"logits_up": [[" Paris", 2.5]], "logits_down": [[" Lyon", -1.0]],
+                         "top_contexts": [{"before": "the seat of government in", "token": " Rome",
+                                           "after": " <b>is old", "value": 3.25}]}}
+    page = write_explorer(graph_file, tmp_path / "graph.html", title="Explorer check", details=details)
     with chromium_driver() as driver:
         driver.get(file_url(page))
         assert driver.title == "Explorer check"
@@ -161,6 +165,9 @@ def test_explorer_in_chromium(graph_file, tmp_path):
         tip = driver.find_element(By.ID, "tooltip")
         assert _wait(lambda: tip.is_displayed())
         assert "capital cities <i>" in tip.text and "activation 0.750" in tip.text and "influence 0.700" in tip.text
+        assert "top activations:" in tip.text and "the seat of government in Rome <b>is old (3.25)" in tip.text
+        assert tip.find_element(By.CSS_SELECTOR, "li.ctx mark").text == "Rome"  # the top token is highlighted
+        assert 'promotes: " Paris" 2.50' in tip.text and 'suppresses: " Lyon" -1.00' in tip.text
         hovered = {(e.get_attribute("data-source"), e.get_attribute("data-target"))
                    for e in driver.find_elements(By.CSS_SELECTOR, "#edges path")}
         assert hovered == {("0_5_1", "1_2_2"), ("0_0_2", "1_2_2"), ("1_2_2", "3_42_2"), ("1_2_2", "3_17_2")}

@@ -54,6 +54,8 @@ def test_graph_cli_writes_json_explorer_png(tiny_transcoders, tmp_path, capsys):
     assert '"logits_up"' in html  # feature details (logit effects from the transcoders) are inlined ...
     details = json.loads((out / f"{slug}.details.json").read_text())  # ... and kept for the served page
     assert set(details) == {n["node_id"] for n in gf.nodes if gf.kind(n) == "feature"}
+    # by default the features' top activating contexts come from 8192 tokens of the built-in corpus
+    assert sum(bool(d.get("top_contexts")) for d in details.values()) >= len(details) // 2
     assert (out / f"{slug}_plot.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((out / "graph-metadata.json").read_text())["graphs"][0]["slug"] == slug
     printed = capsys.readouterr().out

@@ -31,6 +31,7 @@ from mechscope.circuits.graphs.explorer import (  # noqa: E402
     UnknownGraphError,
     explorer_html,
     feature_details,
+    graph_feature_stats,
     graph_path,
     save_posted_graph,
     served_explorer,
@@ -51,7 +52,8 @@ from mechscope.circuits.graphs.graph_json import (  # noqa: E402
 
 __all__ += [
     "GraphFile", "GraphFormatError", "GraphSchemaVersionError", "UnknownGraphError", "UnknownNodeError",
-    "add_to_graph_index", "explorer_html", "feature_details", "graph_path", "graph_schema", "graph_to_json",
+    "add_to_graph_index", "explorer_html", "feature_details", "graph_feature_stats", "graph_path", "graph_schema",
+    "graph_to_json",
     "read_graph_json", "save_posted_graph", "served_explorer", "validate_graph_json", "write_explorer",
     "write_graph_json",
 ]

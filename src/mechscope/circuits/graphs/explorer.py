@@ -179,3 +179,26 @@ def feature_details(model: Any, transcoders: Any, graph: Any, *, n_logits: int =
                              "value": float(st.top_values[r, j])})
             out.setdefault(nid, {})["top_contexts"] = ctxs
     return out
+
+
+def graph_feature_stats(model: Any, transcoders: Any, graph: Any, text: Any = "sotu", *, n_tokens: int = 8192,
+                        context_len: int = 64, batch_size: int = 8, n_contexts: int = 3, seed: int = 0,
+                        progress: bool = True) -> dict[int, Any]:
+    """{layer: FeatureStats} for ONLY the feature nodes of `graph` (a pruned graph holds a few dozen of the
+    thousands of features): their top `n_contexts` activating contexts, density and max over about `n_tokens`
+    tokens of `text`, in one model pass per batch (features.transcoder_feature_stats). What
+    feature_details(..., stats=) consumes; n_tokens 0 -> {} (no statistics)."""
+    from mechscope.features.transcoder_stats import transcoder_feature_stats
+
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
+        raise InputError(f"n_tokens (corpus tokens for the features' top contexts) must be an int >= 0, got "
+                         f"{n_tokens!r}.")
+    gf = as_graph_file(graph)
+    feats: dict[int, list[int]] = {}
+    for n in gf.nodes:
+        if gf.kind(n) == "feature":
+            feats.setdefault(int(n["layer"]), []).append(int(n["node_id"].split("_")[1]))
+    if n_tokens == 0 or not feats:
+        return {}
+    return transcoder_feature_stats(model, transcoders, feats, text, tokens=n_tokens, context_len=context_len,
+                                    batch_size=batch_size, top_k=n_contexts, seed=seed, progress=progress)

