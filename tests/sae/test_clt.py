@@ -117,7 +117,7 @@ def test_clt_beats_per_layer_transcoders_on_cross_layer_data(planted, one_thread
     clt = sae.train_transcoders(planted, kind="clt", **kw)
     plt = sae.train_transcoders(planted, kind="plt", **kw)
     f_clt, f_plt = fve_per_layer(clt, planted), fve_per_layer(plt, planted)
-    # measured (2 shared CPU cores): CLT [0.94, 0.93, 0.89], PLT [0.87, 0.42, 0.28]
+    # measured (1 thread, AuxK on by default): CLT [0.904, 0.888, 0.834], PLT [0.811, 0.388, 0.252]
     assert min(f_clt) > 0.8, f_clt
     assert f_clt[2] > f_plt[2] + 0.4 and f_clt[1] > f_plt[1] + 0.3, (f_clt, f_plt)
     log = clt.clt.cfg.extra["train_log"]
