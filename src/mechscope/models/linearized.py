@@ -11,7 +11,9 @@ but it also pushes zeros through the query/key projections and needs one graph p
 vector-Jacobian products touch only the value/output path (2 matmuls per layer) and accept a prefix of positions
 (causal models: a target at position p has zero gradient after p), which makes attribution several times faster.
 They use this model's weights and norms, so nothing outside models/ re-implements the forward.
-Supported: pre-norm blocks (sequential or parallel attention/MLP), post-attention/-MLP norms (Gemma), MHA/GQA.
+Supported: pre-norm blocks (sequential or parallel attention/MLP), post-attention/-MLP norms (Gemma), MHA/GQA,
+biases, sliding windows, q/k norms and attention soft-capping (all inside the frozen pattern). A final logit
+soft-cap is not in these maps: attribution reads logits before it (circuits/graphs).
 """
 
 from __future__ import annotations
@@ -105,13 +107,22 @@ class FrozenPrompt:
 
 
 def check_linearizable(model) -> None:
-    """UnsupportedArchitectureError unless blocks are pre-norm (what a frozen replacement needs)."""
+    """UnsupportedArchitectureError, naming each reason, unless the model is a causal LM with pre-norm blocks and
+    MLPs: what a frozen replacement model needs (an encoder has no next-token logits, and post-norm or an
+    embedding norm puts a norm on the residual stream itself, so what blocks write no longer adds up)."""
     c = model.cfg
-    if c.post_layernorm or c.attn_only or not c.causal or c.embed_norm:
+    reasons = [why for bad, why in (
+        (not c.causal, "its attention is bidirectional (an encoder such as BERT, not a causal language model)"),
+        (c.post_layernorm, "its blocks are post-norm (the residual stream itself is normalised after each block)"),
+        (c.embed_norm, "it normalises the embeddings"),
+        (c.attn_only, "it is attention-only (no MLPs for transcoders to replace)"),
+        (not c.has_unembed, "it has no unembedding (no logits to explain)"),
+    ) if bad]
+    if reasons:
         raise UnsupportedArchitectureError(
-            f"{c.architecture}: frozen-attention attribution needs causal pre-norm blocks with MLPs "
-            "(GPT-2, Llama/SmolLM2, NeoX, Gemma ...); BERT-style post-norm, attention-only and embedding-norm "
-            "models are not supported.")
+            f"{c.architecture}: frozen-attention attribution is not possible because {'; '.join(reasons)}. "
+            "Supported: causal decoders with pre-norm blocks and MLPs, sequential or parallel (GPT-2, "
+            "Llama/SmolLM2/Mistral, Qwen2/Qwen3, NeoX, Gemma 1/2/3).")
 
 
 def freeze_prompt(model, tokens: torch.Tensor, fwd_hooks: Sequence = ()) -> tuple[FrozenPrompt, torch.Tensor]:

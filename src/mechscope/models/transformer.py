@@ -402,11 +402,13 @@ class HookedTransformer(nn.Module):
         return self.ln_final(x) if hooks else self.ln_final.normalize(x)
 
     def head(self, x: torch.Tensor, at: torch.Tensor | Sequence[int] | None = None, *, state: RunState | None = None,
-             hooks: bool = True, normalized: bool = False) -> torch.Tensor:
+             hooks: bool = True, normalized: bool = False, softcap: bool = True) -> torch.Tensor:
         """The residual after the last block [B, T, D] -> logits [B, T, V] (or [B, len(at), V] at positions `at`):
         final norm, BERT's MLM transform, unembedding, soft-capping. The norm runs on every position (hooks on
         ln_final see them all), the unembedding only at `at`. hooks=False computes the same maths without
-        hook points, in x's dtype; normalized=True skips the final norm (x is already ln_final's output)."""
+        hook points, in x's dtype; normalized=True skips the final norm (x is already ln_final's output).
+        softcap=False skips the final tanh soft-capping (Gemma 2): the linear readout that attribution graphs'
+        logit nodes measure."""
         c = self.cfg
         if not c.has_unembed:
             raise InputError(f"{c.architecture} has no unembedding; read the residual (return_type='resid').")
@@ -427,7 +429,7 @@ class HookedTransformer(nn.Module):
             else:
                 u = self.unembed
                 logits = F.linear(x, u.weight.to(x.dtype), None if u.bias is None else u.bias.to(x.dtype))
-            if c.final_softcap is not None:
+            if c.final_softcap is not None and softcap:
                 logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
             return self.hook_unembed(logits) if hooks else logits
 
