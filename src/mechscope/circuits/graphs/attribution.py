@@ -6,16 +6,17 @@ feature and on the top logits, in one prompt's local replacement model (Ameisen 
 
 Algorithm. Targets are logits (the demeaned unembedding column of each top token, read after the final norm at
 the last position; tokens taken by probability until their sum reaches `desired_logit_prob`, at most
-`max_n_logits`) and active features (their encoder direction, read at the transcoder's input). Each target's
-read vector is pushed down the frozen, linear residual stream (models.linearized: value/output paths with the
-prompt's attention patterns and norm scales) in batches of targets; at every layer the batch gradient is
-contracted with what that layer's sources write there: activation x decoder row (features), the error vector
-(error nodes), the token embedding (below layer 0). This equals circuit-tracer's backward passes (same
-numbers), but it skips queries, keys and MLPs entirely, trims each batch to the positions its targets can see
-(causal) and only carries the targets already injected, which is where the speed comes from. Memory: the batch
-gradient [batch, pos, d_model] plus the rows of the adjacency; `max_feature_nodes` bounds those rows and columns
-(features then enter in order of their influence on the logits, re-ranked between batches, as circuit-tracer
-does).
+`max_n_logits`; with a final soft-cap (Gemma 2) the probabilities are the model's, from the capped logits, and the
+node is the logit before the cap, the linear readout, as in circuit-tracer) and active features (their encoder
+direction, read at the transcoder's input). Each target's read vector is pushed down the frozen, linear residual
+stream (models.linearized: value/output paths with the prompt's attention patterns and norm scales) in batches of
+targets; at every layer the batch gradient is contracted with what that layer's sources write there: activation
+x decoder row (features), the error vector (error nodes), the token embedding (below layer 0). This equals
+circuit-tracer's backward passes (same numbers), but it skips queries, keys and MLPs entirely, trims each batch
+to the positions its targets can see (causal) and only carries the targets already injected, which is where the
+speed comes from. Memory: the batch gradient [batch, pos, d_model] plus the rows of the adjacency;
+`max_feature_nodes` bounds those rows and columns (features then enter in order of their influence on the
+logits, re-ranked between batches, as circuit-tracer does).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from mechscope.errors import InputError
 
 def logit_targets(model, logits_last: torch.Tensor, max_n_logits: int, desired_logit_prob: float):
     """(token ids [k], probabilities [k], demeaned unembedding vectors [k, D]) of the top logits whose
-    cumulative probability first reaches desired_logit_prob (at most max_n_logits)."""
+    cumulative probability first reaches desired_logit_prob (at most max_n_logits). logits_last: the model's
+    output (soft-capped if the model caps); the vectors read the residual after the final norm, before any cap."""
     probs = torch.softmax(logits_last.float(), dim=-1)
     top_p, top_i = probs.topk(min(max_n_logits, probs.shape[-1]))
     k = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob))) + 1

@@ -103,8 +103,9 @@ def feature_interventions(ts, edits: Edits) -> list[Intervention]:
 
 
 def predicted_change(g: AttributionGraph, edits: Edits) -> torch.Tensor:
-    """[n_nodes] the graph's first-order prediction of how each node moves (its pre-activation, or demeaned logit)
-    when features are set to new values: sum_s A[:, s] (value_s / activation_s - 1). Direct effects only."""
+    """[n_nodes] the graph's first-order prediction of how each node moves (its pre-activation, or demeaned logit
+    before any final soft-cap: ReplacementModel.logits(softcap=False)) when features are set to new values:
+    sum_s A[:, s] (value_s / activation_s - 1). Direct effects only."""
     e = _edits(edits)
     a = g.dense()
     delta = torch.zeros(len(g.nodes))
@@ -116,6 +117,6 @@ def predicted_change(g: AttributionGraph, edits: Edits) -> torch.Tensor:
 
 
 def predicted_logit_change(g: AttributionGraph, edits: Edits) -> dict[int, float]:
-    """{logit token id: predicted change of its demeaned logit} (direct effects of the edited features)."""
+    """{logit token id: predicted change of its demeaned (pre-soft-cap) logit} (direct effects of the edits)."""
     d = predicted_change(g, edits)
     return {n.token_id: float(d[i]) for i, n in enumerate(g.nodes) if n.kind == "logit"}

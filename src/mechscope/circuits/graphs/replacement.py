@@ -11,6 +11,9 @@ path between feature activations is linear, so direct effects between features (
 interventions in this model move logits exactly as the graph predicts (intervene.py).
 Position 0 (BOS) carries no feature or error node (as in circuit-tracer): what its MLPs write is a constant. Text
 prompts get the tokenizer's BOS prepended (prepend_bos=None) when it has one, as circuit-tracer does.
+Logits soft-capped by the model (Gemma 2: c tanh(l / c)) are not linear in the residual: logit nodes measure the
+logit *before* the cap (as circuit-tracer, whose targets are read after the final norm); rm.logits(softcap=False)
+returns those, the quantity the graph predicts exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Mapping
 import torch
 
 from mechscope.errors import InputError
-from mechscope.models.linearized import FrozenPrompt, freeze_prompt
+from mechscope.models.linearized import FrozenPrompt, check_linearizable, freeze_prompt
 
 
 def _check_hooks(ts, model) -> None:
@@ -43,6 +46,7 @@ class ReplacementModel:
 
     def __init__(self, model, transcoders, prompt: str | torch.Tensor, *, zero_positions: int = 1,
                  max_prompt_tokens: int = 128, prepend_bos: bool | None = None) -> None:
+        check_linearizable(model)  # the architecture first: a BERT must hear why, not that its hooks differ
         _check_hooks(transcoders, model)
         self.model, self.ts = model, transcoders
         if isinstance(prompt, str):
@@ -110,11 +114,12 @@ class ReplacementModel:
     # ------------------------------------------------------------------ running the replacement
     @torch.no_grad()
     def logits(self, edits: Mapping[tuple[int, int, int], float] | None = None, *, freeze_features: bool = False,
-               freeze_attention: bool = True, return_acts: bool = False):
+               freeze_attention: bool = True, softcap: bool = True, return_acts: bool = False):
         """Logits [T, V] of the replacement model, with feature activations `edits` {(layer, pos, feature): value}
         set. Features are recomputed from the (edited) residual by the transcoders unless freeze_features (then
         every unedited feature keeps its activation on the prompt: the purely linear model the graph describes).
         freeze_attention=False lets attention patterns and norm scales respond (error nodes stay constant).
+        softcap=False: the logits before the model's final soft-capping (what logit nodes measure; no-op without).
         return_acts: also return the per-layer activations [T, n_l] and transcoder inputs [T, d_in] of that run:
         (logits, acts, inputs)."""
         edits = dict(edits or {})
@@ -148,7 +153,8 @@ class ReplacementModel:
         if freeze_attention:
             hooks = self.frozen.freeze_hooks() + hooks
         with self.model.hooks(hooks):
-            out = self.model(self.tokens)[0]
+            resid = self.model(self.tokens, return_type="resid")  # [1, T, D] after the final norm
+            out = self.model.head(resid, normalized=True, softcap=softcap)[0]
         if return_acts:
             return out, acts, [cur_in[i][0] if cur_in[i].dim() == 3 else cur_in[i] for i in range(L)]
         return out
