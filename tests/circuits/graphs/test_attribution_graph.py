@@ -102,7 +102,7 @@ def reference_adjacency(model, ts, g, rows=None):
 
 
 @pytest.fixture(scope="module")
-def gpt2(tiny_gpt2):
+def gpt2(tiny_gpt2, one_thread):
     model = tiny_gpt2[2]
     return model, make_ts(model)
 
@@ -139,7 +139,7 @@ def test_edges_equal_autograd_direct_effects(gpt2, gpt2_graph):
 
 
 @pytest.mark.parametrize("variant", ["llama-skip", "gpt2-clt", "neox-parallel"])
-def test_edges_equal_autograd_other_variants(variant, tiny_llama, tiny_gpt2):
+def test_edges_equal_autograd_other_variants(variant, tiny_llama, tiny_gpt2, one_thread):
     prompt = PROMPT
     if variant == "neox-parallel":  # attention and MLP read the same residual (x + attn(ln1 x) + mlp(ln2 x))
         from mechscope import HookedTransformer, ModelConfig
@@ -183,15 +183,21 @@ def test_graph_predicts_linear_interventions_exactly(gpt2, gpt2_graph):
     """With every other feature held (the linear model the graph describes), setting a feature moves each logit
     and each downstream feature's pre-activation by exactly the graph's prediction."""
     model, ts = gpt2
-    g = gpt2_graph
-    rm = graphs.ReplacementModel(model, ts, PROMPT)
+    check_linear_intervention(graphs.ReplacementModel(model, ts, PROMPT), gpt2_graph)
+
+
+def check_linear_intervention(rm, g):
+    """Set the layer-0 feature with the largest direct effect on the top logit to -1.5x its activation in the
+    replacement model (other features held, logits before any soft-cap): every logit and later feature moves by
+    exactly the graph's prediction, and at least one moves visibly. Returns the top logit's predicted change."""
     feats = [n for n in g.nodes if n.kind == "feature" and n.layer == 0]
-    src = max(feats, key=lambda n: abs(float(g.dense()[-1, g.index_of(n)])))
+    top = next(i for i, n in enumerate(g.nodes) if n.kind == "logit")
+    src = max(feats, key=lambda n: abs(float(g.dense()[top, g.index_of(n)])))
     edit = {(src.layer, src.pos, src.feature): -1.5 * src.activation}
     pred = graphs.predicted_change(g, edit)
 
     def run(edits):
-        return rm.logits(edits, freeze_features=True, return_acts=True)
+        return rm.logits(edits, freeze_features=True, softcap=False, return_acts=True)
 
     (base, _, ins0), (new, _, ins1) = run({}), run(edit)
     for i, n in enumerate(g.nodes):
@@ -201,10 +207,11 @@ def test_graph_predicts_linear_interventions_exactly(gpt2, gpt2_graph):
     later = [(i, n) for i, n in enumerate(g.nodes) if n.kind == "feature" and n.layer > src.layer]
     moved = 0
     for i, n in later:
-        d = float((ins1[n.layer][n.pos] - ins0[n.layer][n.pos]) @ ts.encoder(n.layer).detach()[:, n.feature])
+        d = float((ins1[n.layer][n.pos] - ins0[n.layer][n.pos]) @ rm.ts.encoder(n.layer).detach()[:, n.feature])
         assert d == pytest.approx(float(pred[i]), abs=1e-4), n.node_id
         moved += abs(d) > 1e-3
     assert moved > 0
+    return float(pred[top])
 
 
 def _demeaned(logits, tok):
@@ -273,6 +280,115 @@ def test_max_feature_nodes(gpt2, gpt2_graph):
         fi = gpt2_graph.index_of(n)
         cols = [gpt2_graph.index_of(m) for m in g.nodes]
         assert torch.allclose(g.dense()[i], full[fi, cols], atol=1e-5)
+
+
+# ------------------------------------------------------------------ every decoder family
+# Tiny native configs with exactly the fields our converters produce for each family (tests/models/test_family_*
+# check the converters against transformers), plus a Gemma 2 converted from transformers itself.
+FAMILY = dict(d_model=32, n_layers=3, n_heads=4, d_head=8, n_kv_heads=2, d_mlp=64, d_vocab=50, n_ctx=32,
+              positional="rotary", normalization="RMS", gated_mlp=True)
+GEMMA = dict(post_attn_norm=True, post_mlp_norm=True, embed_scale=32**0.5, attn_scale=6**-0.5, norm_eps=1e-6,
+             act_fn="gelu_pytorch_tanh", sliding_window=3, layer_types=["sliding", "full", "sliding"],
+             final_softcap=3.0, tie_word_embeddings=True)
+FAMILIES = {
+    "gemma2": {**GEMMA, "attn_softcap": 2.0},  # sandwich norms, both soft-caps, scaled embeddings, GQA, windows
+    "gemma3": {**GEMMA, "qk_norm": True, "rope_theta": 1e6, "rope_theta_local": 1e4},
+    "qwen2": dict(attn_bias=True, act_fn="silu"),  # q/k/v bias
+    "mistral": dict(sliding_window=3, act_fn="silu"),  # a window on every layer
+}
+FAMILY_TOKENS = torch.tensor([[1, 5, 9, 2, 7, 7, 3, 11]])  # 8 positions: the window of 3 bites
+
+
+def _perturb(model, seed, std=0.2):
+    """Noise on every parameter: norm weights away from 1 (Gemma's (1 + w)), biases away from 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _gemma2_from_transformers(folder):
+    import transformers
+
+    from mechscope.models.loading import from_pretrained
+
+    cfg = transformers.Gemma2Config(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=64, vocab_size=50, max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, sliding_window=3, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+        query_pre_attn_scalar=6)
+    torch.manual_seed(0)
+    _perturb(transformers.Gemma2ForCausalLM(cfg).eval(), 2).save_pretrained(folder)
+    return from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module", params=[*FAMILIES, "gemma2-hf"])
+def family(request, tmp_path_factory, one_thread):
+    """(name, model, transcoders, replacement model, graph) of one family, built once for its tests."""
+    from mechscope import HookedTransformer, ModelConfig
+
+    name = request.param
+    if name == "gemma2-hf":
+        model = _gemma2_from_transformers(tmp_path_factory.mktemp("gemma2-hf"))
+    else:
+        cfg = ModelConfig(**FAMILY, **FAMILIES[name], model_name=f"tiny-{name}")
+        model = _perturb(HookedTransformer(cfg).init_weights(0, std=0.2), 1)
+    ts = make_ts(model, seed=4)
+    rm = graphs.ReplacementModel(model, ts, FAMILY_TOKENS)
+    return name, model, ts, rm, graphs.attribute(model, FAMILY_TOKENS, ts, batch_size=7)
+
+
+def test_family_replacement_reproduces_logits(family):
+    name, model, ts, rm, _ = family
+    c = model.cfg
+    with torch.no_grad():
+        ref = model(rm.tokens)[0]
+        pre = model.head(model(rm.tokens, return_type="resid"), normalized=True, softcap=False)[0]
+    for kw in ({}, {"freeze_features": True}, {"freeze_attention": False}):
+        assert (rm.logits(**kw) - ref).abs().max() < 1e-4, kw
+    assert (rm.logits(softcap=False) - pre).abs().max() < 1e-4
+    assert max(float(e[1:].norm()) for e in rm.errors) > 1e-2
+    if c.final_softcap is not None:  # the cap bites: what logit nodes measure is not the capped logit
+        assert (pre - ref).abs().max() > 0.5 and ref.abs().max() < c.final_softcap
+    for layer in range(c.n_layers):  # sliding layers: the frozen pattern holds the window (query 7 sees 5..7)
+        far = rm.frozen.patterns[layer][:, -1, : -c.sliding_window] if c.sliding_window else None
+        if c.is_sliding(layer):
+            assert far.abs().max() == 0
+        elif far is not None:
+            assert far.abs().max() > 1e-3
+
+
+def test_family_edges_equal_autograd(family):
+    name, model, ts, _, g = family
+    assert _rel(g.dense(), reference_adjacency(model, ts, g)) < 1e-4, name
+    assert 0 <= g.scores["replacement"] <= 1 and 0 <= g.scores["completeness"] <= 1
+
+
+def test_family_interventions_exact(family):
+    """The graph's prediction is exact in the replacement model (logits before the final soft-cap, as logit nodes
+    measure them), and the edited feature moves the top logit visibly."""
+    name, model, ts, rm, g = family
+    moved = check_linear_intervention(rm, g)
+    assert abs(moved) > 1e-2, name
+
+
+def test_unsupported_families_are_typed(gpt2):
+    """Encoders (BERT) and attention-only models: the typed error names the reason and what is supported."""
+    from mechscope import HookedTransformer, ModelConfig
+    from mechscope.errors import UnsupportedArchitectureError
+
+    bert = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32, d_vocab=20, n_ctx=16, causal=False,
+                       post_layernorm=True, embed_norm=True, n_token_types=2, act_fn="gelu", mlm_head=True,
+                       architecture="BertForMaskedLM")
+    model = HookedTransformer(bert).init_weights(0)
+    with pytest.raises(UnsupportedArchitectureError, match=r"BertForMaskedLM.*bidirectional.*not a causal language "
+                                                           r"model.*post-norm.*Supported: causal decoders.*Gemma"):
+        graphs.attribute(model, torch.tensor([[1, 2, 3]]), make_ts(model))
+    lonely = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=20, n_ctx=16,
+                         attn_only=True)
+    with pytest.raises(UnsupportedArchitectureError, match=r"attention-only \(no MLPs"):
+        graphs.ReplacementModel(HookedTransformer(lonely).init_weights(0), gpt2[1], torch.tensor([[1, 2, 3]]))
 
 
 def test_typed_errors(gpt2, tiny_llama):
