@@ -295,6 +295,8 @@ FAMILIES = {
     "gemma3": {**GEMMA, "qk_norm": True, "rope_theta": 1e6, "rope_theta_local": 1e4},
     "qwen2": dict(attn_bias=True, act_fn="silu"),  # q/k/v bias
     "mistral": dict(sliding_window=3, act_fn="silu"),  # a window on every layer
+    "neox": dict(normalization="LN", n_kv_heads=4, gated_mlp=False, act_fn="gelu", rotary_dim=4,  # parallel blocks
+                 parallel_attn_mlp=True, attn_bias=True, attn_out_bias=True, mlp_bias=True),
 }
 FAMILY_TOKENS = torch.tensor([[1, 5, 9, 2, 7, 7, 3, 11]])  # 8 positions: the window of 3 bites
 
@@ -332,7 +334,7 @@ def family(request, tmp_path_factory, one_thread):
     if name == "gemma2-hf":
         model = _gemma2_from_transformers(tmp_path_factory.mktemp("gemma2-hf"))
     else:
-        cfg = ModelConfig(**FAMILY, **FAMILIES[name], model_name=f"tiny-{name}")
+        cfg = ModelConfig(**{**FAMILY, **FAMILIES[name]}, model_name=f"tiny-{name}")
         model = _perturb(HookedTransformer(cfg).init_weights(0, std=0.2), 1)
     ts = make_ts(model, seed=4)
     rm = graphs.ReplacementModel(model, ts, FAMILY_TOKENS)
